@@ -1,0 +1,192 @@
+"""One PPO iteration as table transforms: rollout -> score -> advantages -> update.
+
+Each function maps Arrow tables (the stage artifacts) and models to a new table
+or statistics; the stage scripts only add file I/O around them, and the
+notebook API calls the same functions.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from minichatgpt.core import gae, kl_penalty, per_token_rewards, whiten
+from minichatgpt.params import GenerationParams, PPOParams
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteValueError(FloatingPointError):
+    pass
+
+
+def check_finite(name: str, rows: list[list[float]] | np.ndarray, where: str) -> None:
+    """Stop with the sample and field named if any value is NaN or infinite."""
+    for i, row in enumerate(rows):
+        arr = np.asarray(row, dtype=np.float64)
+        if not np.all(np.isfinite(arr)):
+            raise NonFiniteValueError(f"{where}: non-finite {name} in sample {i}: {arr.tolist()}")
+
+
+def pad_rows(rows: list[list[float]]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    values = torch.zeros((len(rows), width), dtype=torch.float32)
+    mask = torch.zeros((len(rows), width), dtype=torch.float32)
+    for i, row in enumerate(rows):
+        values[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
+        mask[i, : len(row)] = 1.0
+    return values, mask
+
+
+def unpad(x: torch.Tensor, mask: torch.Tensor) -> list[list[float]]:
+    lengths = mask.sum(-1).long().tolist()
+    return [row[:n] for row, n in zip(x.tolist(), lengths)]
+
+
+def sample_prompts(prompts: pa.Table, split: str, n: int | None, rng: np.random.Generator) -> pa.Table:
+    """``n`` distinct prompts of ``split`` drawn with ``rng`` (all of them, in order, if n is None)."""
+    mask = np.asarray(prompts["split"].to_pylist()) == split
+    rows = np.flatnonzero(mask)
+    if n is None:
+        return prompts.take(rows)
+    if len(rows) < n:
+        raise ValueError(f"prompts: only {len(rows)} {split!r} prompts, but ppo.batch_size={n}")
+    return prompts.take(np.sort(rng.choice(rows, size=n, replace=False)))
+
+
+def encode_queries(tokenizer: Any, prompts: pa.Table) -> list[list[int]]:
+    ids = tokenizer(prompts["text"].to_pylist(), add_special_tokens=False)["input_ids"]
+    return [row[:n] for row, n in zip(ids, prompts["query_len"].to_pylist())]
+
+
+def rollout(
+    policy: Any, tokenizer: Any, prompts: pa.Table, gen: GenerationParams, seed: int, progress: bool = True
+) -> pa.Table:
+    """Generate one response per prompt and record per-token logprobs and values."""
+    from tqdm.auto import tqdm
+
+    from minichatgpt.rollout import generate
+
+    rng = np.random.default_rng(seed)
+    generator = torch.Generator().manual_seed(seed)
+    queries = encode_queries(tokenizer, prompts)
+    if any(len(q) == 0 for q in queries):
+        bad = next(i for i, q in enumerate(queries) if not q)
+        raise ValueError(f"prompt {prompts['prompt_id'][bad].as_py()} encodes to no tokens")
+    lengths = rng.integers(gen.output_min_length, gen.output_max_length + 1, size=len(queries)).tolist()
+    context = getattr(policy.config, "n_positions", None) or getattr(policy.config, "max_position_embeddings", None)
+    longest = max(len(q) for q in queries) + gen.output_max_length
+    if context and longest > context:
+        raise ValueError(f"prompt + response of {longest} tokens exceeds the policy context of {context}")
+    responses, logprobs, values = [], [], []
+    pad = tokenizer.pad_token_id
+    for start in tqdm(range(0, len(queries), gen.forward_batch_size), desc="generate", disable=not progress):
+        end = start + gen.forward_batch_size
+        out = generate(policy, queries[start:end], lengths[start:end], tokenizer.eos_token_id, pad, generator,
+                       gen.top_k, gen.top_p)
+        responses += out.response_ids
+        logprobs += out.logprobs
+        values += out.values
+    check_finite("logprobs", logprobs, "rollout")
+    check_finite("values", values, "rollout")
+    return pa.table({
+        "prompt_id": prompts["prompt_id"],
+        "query_ids": pa.array(queries, pa.list_(pa.int32())),
+        "response_ids": pa.array(responses, pa.list_(pa.int32())),
+        "query": tokenizer.batch_decode(queries, skip_special_tokens=True),
+        "response": tokenizer.batch_decode(responses, skip_special_tokens=True),
+        "logprobs": pa.array(logprobs, pa.list_(pa.float32())),
+        "values": pa.array(values, pa.list_(pa.float32())),
+    })
+
+
+@torch.no_grad()
+def reference_logprobs(
+    reference: Any, queries: list[list[int]], responses: list[list[int]], pad_id: int, batch_size: int
+) -> list[list[float]]:
+    from minichatgpt.rollout import forward_responses, pack
+
+    out: list[list[float]] = []
+    for start in range(0, len(queries), batch_size):
+        q, r = queries[start : start + batch_size], responses[start : start + batch_size]
+        res = forward_responses(reference, pack(q, r, pad_id), with_values=False)
+        out += unpad(res["logprobs"], res["mask"])
+    return out
+
+
+def score(
+    rollouts: pa.Table, scores: np.ndarray, ref_logprobs: list[list[float]], kl_coef: float, estimator: str
+) -> pa.Table:
+    """Add the reward-model score, reference logprobs, per-token KL and rewards."""
+    if estimator == "full":
+        raise ValueError("ppo.kl_penalty='full' needs the policy logits, which rollouts do not store; "
+                         "use kl, abs, mse or k3 in the pipeline")
+    check_finite("score", [scores], "score")
+    check_finite("ref_logprobs", ref_logprobs, "score")
+    logprobs, mask = pad_rows(rollouts["logprobs"].to_pylist())
+    ref, _ = pad_rows(ref_logprobs)
+    kl = kl_penalty(logprobs, ref, estimator) * mask
+    rewards, _ = per_token_rewards(torch.from_numpy(np.asarray(scores, np.float32)), kl, kl_coef, mask)
+    return rollouts.append_column("score", pa.array(np.asarray(scores, np.float32), pa.float32())) \
+        .append_column("ref_logprobs", pa.array(ref_logprobs, pa.list_(pa.float32()))) \
+        .append_column("kl", pa.array(unpad(kl, mask), pa.list_(pa.float32()))) \
+        .append_column("rewards", pa.array(unpad(rewards, mask), pa.list_(pa.float32()))) \
+        .append_column("kl_coef", pa.array([kl_coef] * rollouts.num_rows, pa.float32()))
+
+
+def advantages(scored: pa.Table, gamma: float, lam: float) -> pa.Table:
+    """GAE over each response, then whiten the advantages over the whole batch."""
+    rewards, mask = pad_rows(scored["rewards"].to_pylist())
+    values, _ = pad_rows(scored["values"].to_pylist())
+    adv, returns = gae(rewards, values, gamma, lam, mask)
+    adv = whiten(adv, shift_mean=True, mask=mask)
+    check_finite("advantages", adv.numpy(), "advantages")
+    return scored.append_column("advantages", pa.array(unpad(adv, mask), pa.list_(pa.float32()))) \
+        .append_column("returns", pa.array(unpad(returns, mask), pa.list_(pa.float32())))
+
+
+def batch_from_table(table: pa.Table):
+    from minichatgpt.ppo import PPOBatch
+
+    logprobs, mask = pad_rows(table["logprobs"].to_pylist())
+    return PPOBatch(
+        queries=table["query_ids"].to_pylist(), responses=table["response_ids"].to_pylist(),
+        logprobs=logprobs, values=pad_rows(table["values"].to_pylist())[0],
+        advantages=pad_rows(table["advantages"].to_pylist())[0], returns=pad_rows(table["returns"].to_pylist())[0],
+        mask=mask,
+    )
+
+
+def batch_stats(table: pa.Table) -> dict[str, float]:
+    """Reward and KL figures of a scored batch (TRL's ``env/`` and ``objective/`` keys)."""
+    scores = np.asarray(table["score"].to_pylist(), dtype=np.float64)
+    kl = np.asarray([sum(r) for r in table["kl"].to_pylist()], dtype=np.float64)
+    lengths = np.asarray([len(r) for r in table["response_ids"].to_pylist()], dtype=np.float64)
+    return {
+        "env/reward_mean": float(scores.mean()),
+        "env/reward_std": float(scores.std(ddof=1)) if len(scores) > 1 else 0.0,
+        "objective/kl": float(kl.mean()),
+        "objective/kl_coef": float(table["kl_coef"][0].as_py()),
+        "tokens/response_len_mean": float(lengths.mean()),
+    }
+
+
+def next_kl_coef(current: float, mean_kl: float, n_steps: int, params: PPOParams) -> float:
+    from minichatgpt.core import kl_controller
+
+    ctl = kl_controller(params.adap_kl_ctrl, current, params.target, params.horizon)
+    value = ctl.update(mean_kl, n_steps)
+    if not math.isfinite(value):
+        raise NonFiniteValueError(f"KL coefficient became {value} (mean KL {mean_kl})")
+    return value
+
+
+def current_kl_coef(state: dict, params: PPOParams) -> float:
+    """The coefficient an iteration uses: the previous update's, or ``init_kl_coef`` at the start."""
+    value = state.get("kl_coef")
+    return params.init_kl_coef if value is None else float(value)

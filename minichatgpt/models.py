@@ -1,0 +1,201 @@
+"""Policy (causal LM + value head), tokenizers and checkpoints.
+
+Checkpoints are directories a Hugging Face user can open with
+``AutoModelForCausalLM.from_pretrained``: safetensors weights, JSON config and the
+tokenizer, plus ``value_head.safetensors``, ``optimizer.safetensors`` and
+``state.json`` so the next iteration continues exactly. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+EOS = "<|endoftext|>"
+SOURCE_FILE = "source.json"
+"""written instead of weights when the policy comes from a hub name or outside path."""
+
+
+class ModelError(ValueError):
+    """A model, tokenizer or checkpoint cannot be found or does not fit."""
+
+
+def train_bpe_tokenizer(texts: list[str], vocab_size: int):
+    """Byte-level BPE trained on ``texts``, wrapped as a transformers fast tokenizer.
+
+    ``GPT2TokenizerFast(vocab_file=..., merges_file=...)`` silently yields an empty
+    tokenizer in transformers 5, hence ``tokenizer_object``.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS, unk_token=EOS)
+
+
+def load_tokenizer(ref: str | Path):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(ref), trust_remote_code=False)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"tokenizer {ref}: cannot be loaded: {err}") from None
+    if tok.pad_token_id is None:
+        if tok.eos_token_id is None:
+            raise ModelError(f"tokenizer {ref}: has neither a pad nor an eos token")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _cache_kwarg(model: nn.Module) -> str:
+    """transformers >= 5.2x calls the KV cache ``cache``; earlier ``past_key_values``."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+class PolicyWithValueHead(nn.Module):
+    """A causal LM with a scalar value head on its last hidden state (TRL's design)."""
+
+    def __init__(self, lm: nn.Module, seed: int = 0):
+        super().__init__()
+        self.pretrained_model = lm
+        hidden = lm.config.hidden_size if hasattr(lm.config, "hidden_size") else lm.config.n_embd
+        gen = torch.Generator().manual_seed(seed)
+        self.v_head = nn.Linear(hidden, 1)
+        with torch.no_grad():
+            bound = 1.0 / hidden**0.5
+            self.v_head.weight.uniform_(-bound, bound, generator=gen)
+            self.v_head.bias.zero_()
+        self._cache_kwarg = _cache_kwarg(lm)
+
+    @property
+    def config(self) -> Any:
+        return self.pretrained_model.config
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: Any = None,
+        use_cache: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """Return ``(logits, values, cache)``; values are ``(B, T)``."""
+        kwargs = {self._cache_kwarg: cache} if cache is not None else {}
+        out = self.pretrained_model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            use_cache=use_cache, output_hidden_states=True, **kwargs,
+        )
+        values = self.v_head(out.hidden_states[-1]).squeeze(-1)
+        new_cache = None
+        if use_cache:
+            new_cache = out["cache"] if "cache" in out else out["past_key_values"]
+        return out.logits, values, new_cache
+
+
+def _source_of(ckpt: Path) -> str:
+    """Where the LM weights of a checkpoint directory live (itself, or a recorded name)."""
+    src = ckpt / SOURCE_FILE
+    if src.is_file():
+        return json.loads(src.read_text())["model"]
+    if not (ckpt / "config.json").is_file():
+        raise ModelError(f"{ckpt}: not a checkpoint (no config.json or {SOURCE_FILE}); run `dvc repro pretrain`")
+    return str(ckpt)
+
+
+def load_causal_lm(ref: str | Path) -> nn.Module:
+    """A causal LM from a checkpoint dir, local model dir or hub name, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(ref)
+    name = _source_of(path) if path.is_dir() else str(ref)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=False, dtype=torch.float32)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"policy {name}: cannot be loaded: {err}") from None
+    return model.eval()
+
+
+def load_policy(ckpt: str | Path, seed: int) -> tuple[PolicyWithValueHead, Any, dict]:
+    """Policy with value head, tokenizer and training state from a checkpoint dir.
+
+    A checkpoint without a value head (iteration 0) gets one initialised from ``seed``.
+    """
+    from safetensors.torch import load_file
+
+    ckpt = Path(ckpt)
+    lm = load_causal_lm(ckpt)
+    policy = PolicyWithValueHead(lm, seed=seed)
+    head = ckpt / "value_head.safetensors"
+    if head.is_file():
+        policy.v_head.load_state_dict(load_file(head))
+    tokenizer = load_tokenizer(_source_of(ckpt))
+    if len(tokenizer) > lm.config.vocab_size:
+        raise ModelError(f"{ckpt}: tokenizer has {len(tokenizer)} tokens but the model only {lm.config.vocab_size}")
+    state_file = ckpt / "state.json"
+    state = json.loads(state_file.read_text()) if state_file.is_file() else {"iteration": 0, "kl_coef": None, "step": 0}
+    return policy.eval(), tokenizer, state
+
+
+def save_policy(
+    out_dir: Path, policy: PolicyWithValueHead, tokenizer: Any,
+    optimizer: torch.optim.Optimizer | None = None, state: dict | None = None,
+) -> None:
+    """Write a checkpoint into ``out_dir`` (callers pass an atomic temp dir)."""
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    policy.pretrained_model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    save_file({k: v.contiguous() for k, v in policy.v_head.state_dict().items()}, out_dir / "value_head.safetensors")
+    if optimizer is not None:
+        tensors, meta = optimizer_to_tensors(optimizer)
+        save_file(tensors, out_dir / "optimizer.safetensors")
+        (out_dir / "optimizer.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    if state is not None:
+        (out_dir / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+
+
+def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Flatten an optimizer state dict into safetensors-friendly tensors plus JSON."""
+    sd = optimizer.state_dict()
+    tensors = {}
+    for idx, pstate in sd["state"].items():
+        for key, value in pstate.items():
+            tensors[f"state.{idx}.{key}"] = torch.as_tensor(value).clone().contiguous()
+    return tensors, {"param_groups": sd["param_groups"]}
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, ckpt: Path) -> bool:
+    """Restore optimizer moments saved by :func:`save_policy`; False if there are none."""
+    from safetensors.torch import load_file
+
+    file = ckpt / "optimizer.safetensors"
+    if not file.is_file():
+        return False
+    tensors = load_file(file)
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        _, idx, key = name.split(".", 2)
+        state.setdefault(int(idx), {})[key] = value
+    sd = optimizer.state_dict()
+    if len(state) != len(sd["param_groups"][0]["params"]):
+        raise ModelError(f"{file}: optimizer state has {len(state)} tensors, the policy {len(sd['param_groups'][0]['params'])}")
+    sd["state"] = state
+    optimizer.load_state_dict(sd)
+    return True

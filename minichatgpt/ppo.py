@@ -1,0 +1,147 @@
+"""The PPO update: epochs over shuffled minibatches of one scored, advantaged batch.
+
+Shared by the ``update`` stage and :class:`minichatgpt.PPOTrainer`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from minichatgpt.core import masked_mean, masked_var, policy_loss, value_loss
+from minichatgpt.models import PolicyWithValueHead
+from minichatgpt.params import PPOParams
+from minichatgpt.rollout import forward_responses, pack
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss or input became NaN/inf; raised before any checkpoint is written."""
+
+
+@dataclass
+class PPOBatch:
+    """One iteration's rollouts with per-token tensors right-padded to ``(B, R)``."""
+
+    queries: list[list[int]]
+    responses: list[list[int]]
+    logprobs: torch.Tensor
+    values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    mask: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.queries)
+
+    def select(self, idx: list[int]) -> PPOBatch:
+        width = int(self.mask[idx].sum(-1).max())
+        t = torch.tensor(idx)
+        return PPOBatch(
+            [self.queries[i] for i in idx], [self.responses[i] for i in idx],
+            *(x[t, :width] for x in (self.logprobs, self.values, self.advantages, self.returns, self.mask)),
+        )
+
+
+def pad_lists(rows: list[list[float]], width: int | None = None) -> torch.Tensor:
+    width = width or max(len(r) for r in rows)
+    out = torch.zeros((len(rows), width), dtype=torch.float32)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
+    return out
+
+
+def ppo_loss(
+    old_logprobs: torch.Tensor, values: torch.Tensor, logits: torch.Tensor | None, vpreds: torch.Tensor,
+    logprobs: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor, returns: torch.Tensor,
+    params: PPOParams, entropy: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped policy and value losses with TRL legacy's ``train_stats`` keys."""
+    pg_loss, pg = policy_loss(logprobs, old_logprobs, advantages, params.cliprange, mask)
+    vf_loss, vf = value_loss(vpreds, values, returns, params.cliprange_value, mask)
+    loss = pg_loss + params.vf_coef * vf_loss
+    if entropy is None and logits is not None:
+        from minichatgpt.core import entropy_from_logits
+
+        entropy = entropy_from_logits(logits)
+    stats = {
+        "loss/policy": pg_loss.detach(),
+        "loss/value": vf_loss.detach(),
+        "loss/total": loss.detach(),
+        "policy/entropy": masked_mean(entropy, mask).detach() if entropy is not None else torch.tensor(float("nan")),
+        "policy/approxkl": pg["approxkl"].detach(),
+        "policy/policykl": pg["policykl"].detach(),
+        "policy/clipfrac": pg["clipfrac"].detach(),
+        "policy/advantages": advantages.detach()[mask.bool()],
+        "policy/advantages_mean": masked_mean(advantages, mask).detach(),
+        "policy/ratio": torch.exp(logprobs - old_logprobs).detach()[mask.bool()],
+        "returns/mean": masked_mean(returns, mask).detach(),
+        "returns/var": masked_var(returns, mask).detach() if mask.sum() > 1 else torch.tensor(0.0),
+        "val/vpred": masked_mean(vpreds, mask).detach(),
+        "val/error": vf["error"].detach(),
+        "val/clipfrac": vf["clipfrac"].detach(),
+        "val/mean": masked_mean(values, mask).detach(),
+        "val/var": masked_var(values, mask).detach() if mask.sum() > 1 else torch.tensor(0.0),
+    }
+    return pg_loss, params.vf_coef * vf_loss, stats
+
+
+def train_minibatch(
+    policy: PolicyWithValueHead, optimizer: torch.optim.Optimizer, mb: PPOBatch, params: PPOParams, pad_id: int
+) -> tuple[dict[str, torch.Tensor], bool]:
+    """One gradient step on a minibatch; returns its stats and whether it was skipped."""
+    out = forward_responses(policy, pack(mb.queries, mb.responses, pad_id), with_logits=True)
+    loss_p, loss_v, stats = ppo_loss(
+        mb.logprobs, mb.values, None, out["values"], out["logprobs"], mb.mask,
+        mb.advantages, mb.returns, params, entropy=out["entropy"],
+    )
+    loss = loss_p + loss_v
+    if not torch.isfinite(loss):
+        raise NonFiniteError(f"non-finite PPO loss ({loss.item()}): policy={loss_p.item()} value={loss_v.item()}")
+    ratio = masked_mean(torch.exp(out["logprobs"] - mb.logprobs), mb.mask).item()
+    if ratio > params.ratio_threshold:
+        log.warning("skipping minibatch: mean ratio %.2f > ppo.ratio_threshold %.2f", ratio, params.ratio_threshold)
+        return stats, True
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if params.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), params.max_grad_norm)
+    optimizer.step()
+    return stats, False
+
+
+def ppo_update(
+    policy: PolicyWithValueHead, optimizer: torch.optim.Optimizer, batch: PPOBatch, params: PPOParams,
+    generator: torch.Generator, pad_id: int, progress: bool = True,
+) -> dict[str, float]:
+    """``ppo_epochs`` passes over seeded-shuffled minibatches; mean stats over all steps."""
+    policy.eval()  # no dropout: the ratio must be exactly 1 before the first step
+    collected: list[dict[str, torch.Tensor]] = []
+    skipped = 0
+    total = params.ppo_epochs * math.ceil(len(batch) / params.mini_batch_size)
+    bar = tqdm(total=total, desc="ppo", disable=not progress, mininterval=5)
+    for _ in range(params.ppo_epochs):
+        order = torch.randperm(len(batch), generator=generator).tolist()
+        for start in range(0, len(batch), params.mini_batch_size):
+            stats, was_skipped = train_minibatch(
+                policy, optimizer, batch.select(order[start : start + params.mini_batch_size]), params, pad_id
+            )
+            collected.append(stats)
+            skipped += int(was_skipped)
+            bar.update(1)
+    bar.close()
+    return summarize(collected) | {"ppo/skipped_minibatches": float(skipped), "ppo/minibatches": float(total)}
+
+
+def summarize(collected: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """Mean of each stat over minibatches (token-level stats over all their tokens)."""
+    out = {}
+    for key in collected[0]:
+        values = [s[key].float().reshape(-1) for s in collected]
+        out[key] = float(torch.cat(values).mean())
+    return out

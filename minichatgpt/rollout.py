@@ -1,0 +1,137 @@
+"""Batched generation and forward passes over (query, response) pairs.
+
+Generation captures each sampled token's log-probability and the value estimate
+from the same forward step, so rollouts need no second policy pass. Queries are
+left-padded with position ids from the attention mask; scoring passes put each
+query+response at position 0 and right-pad, so both layouts see the same
+positions and padding never leaks into the numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from minichatgpt.core import entropy_from_logits, logprobs_from_logits
+from minichatgpt.models import PolicyWithValueHead
+
+
+@dataclass
+class Generated:
+    response_ids: list[list[int]]
+    logprobs: list[list[float]]
+    values: list[list[float]]
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+            mask[i, width - len(row) :] = 1
+    return ids, mask
+
+
+def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
+@torch.no_grad()
+def generate(
+    policy: PolicyWithValueHead,
+    queries: list[list[int]],
+    lengths: list[int],
+    eos_id: int,
+    pad_id: int,
+    generator: torch.Generator,
+    top_k: int = 0,
+    top_p: float = 1.0,
+) -> Generated:
+    """Sample ``lengths[i]`` tokens after each query (stopping early at EOS, kept).
+
+    Log-probabilities are those of the unfiltered policy distribution, which is
+    what the PPO ratio compares against.
+    """
+    if len(queries) != len(lengths):
+        raise ValueError(f"{len(queries)} queries but {len(lengths)} lengths")
+    ids, mask = left_pad(queries, pad_id)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    steps = max(lengths)
+    logits, values, cache = policy(ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    tokens, logps, vals = [], [], []
+    for step in range(steps):
+        last = logits[:, -1, :].float()
+        filtered = _filter_logits(last, top_k, top_p) if (top_k or top_p < 1.0) else last
+        probs = torch.softmax(filtered, dim=-1)
+        token = torch.multinomial(probs, 1, generator=generator)
+        tokens.append(token[:, 0])
+        logps.append(logprobs_from_logits(last, token[:, 0]))
+        vals.append(values[:, -1])
+        if step + 1 == steps:
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        positions = positions[:, -1:] + 1
+        logits, values, cache = policy(token, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+    tok = torch.stack(tokens, 1).tolist()
+    lp = torch.stack(logps, 1).tolist()
+    vl = torch.stack(vals, 1).tolist()
+    out = Generated([], [], [])
+    for i, n in enumerate(lengths):
+        row = tok[i][:n]
+        if eos_id in row:
+            n = row.index(eos_id) + 1
+        out.response_ids.append(tok[i][:n])
+        out.logprobs.append(lp[i][:n])
+        out.values.append(vl[i][:n])
+    return out
+
+
+def pack(queries: list[list[int]], responses: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ``query+response`` batch plus the gather index of each response token."""
+    rows = [q + r for q, r in zip(queries, responses)]
+    width = max(len(r) for r in rows)
+    resp_width = max(len(r) for r in responses)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1
+    qlen = torch.tensor([len(q) for q in queries])
+    rlen = torch.tensor([len(r) for r in responses])
+    offsets = torch.arange(resp_width)
+    # logits at position p predict token p+1: response token k sits at qlen+k
+    index = (qlen[:, None] - 1 + offsets[None, :]).clamp(max=width - 2)
+    response_mask = (offsets[None, :] < rlen[:, None]).float()
+    return {"input_ids": ids, "attention_mask": mask, "index": index, "response_mask": response_mask}
+
+
+def forward_responses(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], with_values: bool = True, with_logits: bool = False
+) -> dict[str, torch.Tensor]:
+    """Per response token: logprobs, values (policy only), entropy and logits if asked; ``(B, R)``."""
+    ids, mask, index = batch["input_ids"], batch["attention_mask"], batch["index"]
+    if isinstance(model, PolicyWithValueHead):
+        logits, values, _ = model(ids, attention_mask=mask)
+    else:
+        logits, values = model(input_ids=ids, attention_mask=mask).logits, None
+    targets = torch.gather(ids, 1, index + 1)
+    resp_logits = torch.gather(logits, 1, index[:, :, None].expand(-1, -1, logits.shape[-1]))
+    out = {"logprobs": logprobs_from_logits(resp_logits, targets), "mask": batch["response_mask"]}
+    if with_values and values is not None:
+        out["values"] = torch.gather(values, 1, index)
+    if with_logits:
+        out["logits"] = resp_logits
+        out["entropy"] = entropy_from_logits(resp_logits)
+    return out

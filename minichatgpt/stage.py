@@ -1,0 +1,69 @@
+"""Shared edge logic of the stage scripts: arguments, logging, seeding, errors, exit.
+
+Every failure that is the user's input (params, artifacts, models) ends as one
+line ``stage <name>: <what is wrong>`` on stderr and exit code 2, with nothing
+written, because outputs are only moved into place after the stage succeeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+
+from minichatgpt.artifacts import ArtifactError
+from minichatgpt.params import ParamsError
+
+log = logging.getLogger("minichatgpt")
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ParamsError, ArtifactError, FileNotFoundError)
+
+
+def parser(name: str, doc: str | None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"stages/{name}.py", description=(doc or "").strip().splitlines()[0])
+    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    return p
+
+
+def stage_seed(base: int, stage: str, iteration: int = 0) -> int:
+    """A distinct, stable seed per (params seed, stage, iteration)."""
+    offsets = {"rollout": 1, "score": 2, "update": 3, "evaluate": 4}
+    return (base * 1_000_003 + iteration * 101 + offsets.get(stage, 0)) % (2**63)
+
+
+def setup_torch(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, threads))
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def run(name: str, main: Callable[[], dict | None]) -> None:
+    """Run ``main`` with stage logging and error handling, then exit without teardown.
+
+    Outputs are fsynced before this returns, so skipping interpreter shutdown
+    (``os._exit``) loses nothing and saves a second per stage process.
+    """
+    from minichatgpt.models import ModelError
+    from minichatgpt.ppo import NonFiniteError
+
+    logging.basicConfig(level=logging.INFO, format=f"[{name}] %(message)s", stream=sys.stderr)
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    start = time.perf_counter()
+    code = 0
+    try:
+        summary = main() or {}
+        figures = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items())
+        log.info("done in %.1fs %s", time.perf_counter() - start, figures)
+    except (*USER_ERRORS, ModelError, NonFiniteError, ValueError) as err:
+        print(f"stage {name}: {err}", file=sys.stderr)
+        code = 2
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

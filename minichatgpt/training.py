@@ -1,0 +1,128 @@
+"""Supervised training of the embedded default models (policy LM and reward classifier)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from minichatgpt.params import PretrainParams, RewardParams
+
+log = logging.getLogger(__name__)
+
+
+def _lr_at(step: int, max_steps: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, max_steps - warmup)
+    return peak * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def token_stream(tokenizer: Any, texts: list[str]) -> np.ndarray:
+    """All texts tokenized and joined with EOS, as one int32 array."""
+    eos = tokenizer.eos_token_id
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    flat = np.fromiter((t for doc in ids for t in (*doc, eos)), dtype=np.int32)
+    return flat
+
+
+def pretrain_lm(model: torch.nn.Module, stream: np.ndarray, valid: np.ndarray, params: PretrainParams) -> dict:
+    """Train a causal LM on random ``block_size`` windows of ``stream``; return metrics."""
+    gen = torch.Generator().manual_seed(params.seed)
+    data = torch.from_numpy(stream.astype(np.int64))
+    opt = torch.optim.AdamW(model.parameters(), lr=params.learning_rate, weight_decay=0.01)
+    warmup = max(1, params.max_steps // 20)
+    model.train()
+    block = params.block_size
+    bar = tqdm(range(params.max_steps), desc="pretrain", mininterval=5)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, params.max_steps, params.learning_rate, warmup)
+        starts = torch.randint(0, len(data) - block - 1, (params.batch_size,), generator=gen)
+        batch = torch.stack([data[s : s + block] for s in starts.tolist()])
+        loss = model(input_ids=batch, labels=batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    valid_loss = lm_loss(model, valid, block)
+    return {"pretrain/valid_loss": valid_loss, "pretrain/valid_perplexity": math.exp(valid_loss),
+            "pretrain/steps": params.max_steps}
+
+
+@torch.no_grad()
+def lm_loss(model: torch.nn.Module, stream: np.ndarray, block: int, max_blocks: int = 256) -> float:
+    n = min(max_blocks, (len(stream) - 1) // block)
+    if n < 1:
+        raise ValueError(f"validation text has {len(stream)} tokens; need more than block_size={block}")
+    data = torch.from_numpy(stream[: n * block].astype(np.int64)).view(n, block)
+    losses = [model(input_ids=chunk, labels=chunk).loss.item() for chunk in data.split(32)]
+    return float(np.mean(losses))
+
+
+def classifier_examples(
+    tokenizer: Any, texts: list[str], labels: list[int], max_length: int, seed: int, prefix_share: float = 0.5
+) -> tuple[list[list[int]], list[int]]:
+    """Tokenized examples; a share is cut to a random 8..max_length prefix so short texts score sensibly."""
+    rng = np.random.default_rng(seed)
+    ids = tokenizer(texts, add_special_tokens=False, truncation=False)["input_ids"]
+    cls_id = tokenizer.cls_token_id
+    out = []
+    for doc in ids:
+        limit = max_length - 1
+        if rng.random() < prefix_share:
+            limit = int(rng.integers(8, max_length))
+        out.append([cls_id, *doc[: max(1, limit - 1)]] if cls_id is not None else doc[:limit])
+    return out, list(labels)
+
+
+def _pad(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(x) for x in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, row in enumerate(batch):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
+def train_classifier(
+    model: torch.nn.Module, examples: list[list[int]], labels: list[int], pad_id: int, params: RewardParams
+) -> None:
+    gen = torch.Generator().manual_seed(params.seed)
+    torch.manual_seed(params.seed)  # dropout
+    opt = torch.optim.AdamW(model.parameters(), lr=params.learning_rate, weight_decay=0.01)
+    warmup = max(1, params.max_steps // 20)
+    y = torch.tensor(labels, dtype=torch.long)
+    model.train()
+    bar = tqdm(range(params.max_steps), desc="train_reward", mininterval=5)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, params.max_steps, params.learning_rate, warmup)
+        idx = torch.randint(0, len(examples), (params.batch_size,), generator=gen).tolist()
+        ids, mask = _pad([examples[i] for i in idx], pad_id)
+        loss = model(input_ids=ids, attention_mask=mask, labels=y[idx]).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+
+
+@torch.no_grad()
+def classifier_accuracy(model: torch.nn.Module, examples: list[list[int]], labels: list[int], pad_id: int) -> float:
+    correct = 0
+    for start in range(0, len(examples), 128):
+        ids, mask = _pad(examples[start : start + 128], pad_id)
+        pred = model(input_ids=ids, attention_mask=mask).logits.argmax(-1)
+        correct += int((pred == torch.tensor(labels[start : start + 128])).sum())
+    return correct / max(1, len(examples))

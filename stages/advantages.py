@@ -1,0 +1,31 @@
+"""Generalised advantage estimation over scored rollouts (advantages@i).
+
+Reads only ``ppo.gamma`` and ``ppo.lam``; imports torch but not transformers,
+so it starts in about a second.
+"""
+
+from minichatgpt.stage import parser, run
+
+
+def main() -> dict:
+    p = parser("advantages", __doc__)
+    p.add_argument("--iter", type=int, required=True)
+    p.add_argument("--scored", required=True)
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+
+    from minichatgpt.artifacts import read_table, write_table
+    from minichatgpt.params import load_yaml, section
+
+    ppo = section(load_yaml(args.params), "ppo")
+    scored = read_table(args.scored, "scored")
+
+    from minichatgpt.iteration import advantages
+
+    table = advantages(scored, ppo.gamma, ppo.lam)
+    write_table(table, args.out, "advantages")
+    return {"iter": args.iter, "gamma": ppo.gamma, "lam": ppo.lam}
+
+
+if __name__ == "__main__":
+    run("advantages", main)

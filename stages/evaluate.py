@@ -1,0 +1,45 @@
+"""Held-out evaluation: reward of the pretrained policy vs the final one on the same prompts
+and seed, KL of the final policy to the reference, and before/after samples."""
+
+from minichatgpt.stage import parser, run
+
+
+def main() -> dict:
+    p = parser("evaluate", __doc__)
+    p.add_argument("--prompts", default="data/prompts.parquet")
+    p.add_argument("--checkpoints", default="checkpoints", help="directory of per-iteration checkpoints")
+    p.add_argument("--reward", default="models/reward")
+    p.add_argument("--summary", default="metrics/summary.json")
+    p.add_argument("--samples", default="metrics/samples.json")
+    args = p.parse_args()
+
+    from pathlib import Path
+
+    from minichatgpt.artifacts import read_table, write_json
+    from minichatgpt.params import iterations, load_yaml, section
+    from minichatgpt.stage import setup_torch, stage_seed
+
+    raw = load_yaml(args.params)
+    params, gen, runtime = section(raw, "evaluate"), section(raw, "generation"), section(raw, "runtime")
+    last = list(iterations(raw))[-1]
+    prompts = read_table(args.prompts, "prompts")
+    final_dir = Path(args.checkpoints) / last
+    if not (final_dir / "state.json").is_file():
+        raise FileNotFoundError(f"{final_dir}: no finished checkpoint of iteration {last}; run `dvc repro`")
+    setup_torch(runtime.threads)
+
+    from minichatgpt.evaluation import evaluate
+    from minichatgpt.iteration import sample_prompts
+
+    held_out = sample_prompts(prompts, "eval", None, None)
+    seed = stage_seed(params.seed, "evaluate")
+    summary, samples = evaluate(Path(args.checkpoints) / "0", final_dir, args.reward, held_out, gen, seed,
+                                params.samples)
+    summary["iterations"] = int(last)
+    write_json(summary, args.summary)
+    write_json(samples, args.samples)
+    return {k: summary[k] for k in ("reward_before", "reward_after", "reward_stderr", "kl")}
+
+
+if __name__ == "__main__":
+    run("evaluate", main)

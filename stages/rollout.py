@@ -1,0 +1,38 @@
+"""Sample a batch of training prompts and generate responses with the current policy,
+recording per-token logprobs and values (rollout@i)."""
+
+from minichatgpt.stage import parser, run
+
+
+def main() -> dict:
+    p = parser("rollout", __doc__)
+    p.add_argument("--iter", type=int, required=True, help="iteration number (1-based)")
+    p.add_argument("--policy", required=True, help="checkpoint directory of the previous iteration")
+    p.add_argument("--prompts", default="data/prompts.parquet")
+    p.add_argument("--out", required=True, help="output rollouts Parquet")
+    args = p.parse_args()
+
+    import numpy as np
+
+    from minichatgpt.artifacts import read_table, write_table
+    from minichatgpt.params import load_yaml, section
+    from minichatgpt.stage import setup_torch, stage_seed
+
+    raw = load_yaml(args.params)
+    ppo, gen, runtime = section(raw, "ppo"), section(raw, "generation"), section(raw, "runtime")
+    prompts = read_table(args.prompts, "prompts")
+    setup_torch(runtime.threads)
+
+    from minichatgpt.iteration import rollout, sample_prompts
+    from minichatgpt.models import load_policy
+
+    seed = stage_seed(ppo.seed, "rollout", args.iter)
+    batch = sample_prompts(prompts, "train", ppo.batch_size, np.random.default_rng(seed))
+    policy, tokenizer, _ = load_policy(args.policy, ppo.seed)
+    table = rollout(policy, tokenizer, batch, gen, seed)
+    write_table(table, args.out, "rollouts")
+    return {"iter": args.iter, "rows": table.num_rows}
+
+
+if __name__ == "__main__":
+    run("rollout", main)

@@ -1,0 +1,52 @@
+"""Score rollouts with the reward model and add reference logprobs, per-token KL and
+per-token rewards with this iteration's KL coefficient (score@i)."""
+
+from minichatgpt.stage import parser, run
+
+
+def main() -> dict:
+    p = parser("score", __doc__)
+    p.add_argument("--iter", type=int, required=True)
+    p.add_argument("--rollouts", required=True)
+    p.add_argument("--reference", default="checkpoints/0", help="reference policy checkpoint")
+    p.add_argument("--state", required=True, help="state.json of the previous checkpoint (KL coefficient)")
+    p.add_argument("--reward", default="models/reward")
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+
+    import json
+    from pathlib import Path
+
+    import numpy as np
+
+    from minichatgpt.artifacts import read_table, write_table
+    from minichatgpt.params import load_yaml, section
+    from minichatgpt.stage import setup_torch
+
+    raw = load_yaml(args.params)
+    ppo, gen, runtime = section(raw, "ppo"), section(raw, "generation"), section(raw, "runtime")
+    rollouts = read_table(args.rollouts, "rollouts")
+    state = json.loads(Path(args.state).read_text())
+    setup_torch(runtime.threads)
+
+    from minichatgpt.iteration import batch_stats, current_kl_coef, reference_logprobs, score
+    from minichatgpt.models import load_causal_lm, load_tokenizer
+    from minichatgpt.models import _source_of as source_of
+    from minichatgpt.reward import RewardModel
+
+    reward = RewardModel(args.reward, batch_size=gen.forward_batch_size)
+    texts = [q + r for q, r in zip(rollouts["query"].to_pylist(), rollouts["response"].to_pylist())]
+    scores = np.asarray(reward.score(texts), dtype=np.float32)
+    reference = load_causal_lm(args.reference)
+    pad_id = load_tokenizer(source_of(Path(args.reference))).pad_token_id
+    ref = reference_logprobs(
+        reference, rollouts["query_ids"].to_pylist(), rollouts["response_ids"].to_pylist(),
+        pad_id, gen.forward_batch_size,
+    )
+    table = score(rollouts, scores, ref, current_kl_coef(state, ppo), ppo.kl_penalty)
+    write_table(table, args.out, "scored")
+    return {"iter": args.iter} | batch_stats(table)
+
+
+if __name__ == "__main__":
+    run("score", main)

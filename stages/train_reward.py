@@ -1,0 +1,78 @@
+"""Build the reward model: train a small BERT sentiment classifier on the corpus labels,
+or record a Hugging Face text-classification model / local directory / module:function."""
+
+from minichatgpt.stage import parser, run
+
+
+def main() -> dict:
+    p = parser("train_reward", __doc__)
+    p.add_argument("--corpus", default="data/corpus.parquet")
+    p.add_argument("--out", default="models/reward", help="output model directory")
+    p.add_argument("--metrics", default="metrics/reward.json")
+    args = p.parse_args()
+
+    import json
+
+    from minichatgpt.artifacts import atomic_path, read_table, write_json
+    from minichatgpt.params import load_yaml, section
+    from minichatgpt.reward import FUNCTION_FILE, RewardModel, is_function_ref
+    from minichatgpt.stage import setup_torch
+
+    raw = load_yaml(args.params)
+    params, runtime = section(raw, "reward"), section(raw, "runtime")
+    setup_torch(runtime.threads)
+    if params.model != "embedded":
+        RewardModel(params.model)  # fail now if it cannot be loaded
+        with atomic_path(args.out) as tmp:
+            tmp.mkdir()
+            key = "function" if is_function_ref(params.model) else "model"
+            (tmp / (FUNCTION_FILE if key == "function" else "source.json")).write_text(
+                json.dumps({key: params.model}, indent=2) + "\n"
+            )
+        write_json({"reward/external": 1}, args.metrics)
+        return {"reward": params.model}
+
+    import torch
+    from tokenizers import processors
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from minichatgpt.models import train_bpe_tokenizer
+    from minichatgpt.training import classifier_accuracy, classifier_examples, train_classifier
+
+    corpus = read_table(args.corpus, "corpus")
+    texts, labels, splits = (corpus[c].to_pylist() for c in ("text", "label", "split"))
+    train = [(t, y) for t, y, s in zip(texts, labels, splits) if s == "train"]
+    valid = [(t, y) for t, y, s in zip(texts, labels, splits) if s == "eval"]
+    tokenizer = train_bpe_tokenizer([t for t, _ in train], params.vocab_size)
+    tokenizer.add_special_tokens({"cls_token": "<cls>"})
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<cls> $A", special_tokens=[("<cls>", tokenizer.cls_token_id)]
+    )
+    torch.manual_seed(params.seed)
+    config = BertConfig(
+        vocab_size=len(tokenizer), hidden_size=params.n_embd, num_hidden_layers=params.n_layer,
+        num_attention_heads=params.n_head, intermediate_size=4 * params.n_embd,
+        max_position_embeddings=max(128, params.max_length), num_labels=2, pad_token_id=tokenizer.pad_token_id,
+        id2label={0: "NEGATIVE", 1: "POSITIVE"}, label2id={"NEGATIVE": 0, "POSITIVE": 1},
+    )
+    model = BertForSequenceClassification(config)
+    examples, ys = classifier_examples(
+        tokenizer, [t for t, _ in train], [y for _, y in train], params.max_length, params.seed
+    )
+    train_classifier(model, examples, ys, tokenizer.pad_token_id, params)
+    v_texts, v_labels = [t for t, _ in valid], [y for _, y in valid]
+    full, _ = classifier_examples(tokenizer, v_texts, v_labels, params.max_length, params.seed, prefix_share=0.0)
+    short, _ = classifier_examples(tokenizer, v_texts, v_labels, 24, params.seed + 1, prefix_share=1.0)
+    metrics = {
+        "reward/valid_accuracy": classifier_accuracy(model, full, v_labels, tokenizer.pad_token_id),
+        "reward/valid_accuracy_prefix": classifier_accuracy(model, short, v_labels, tokenizer.pad_token_id),
+    }
+    with atomic_path(args.out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    write_json(metrics, args.metrics)
+    return metrics
+
+
+if __name__ == "__main__":
+    run("train_reward", main)

@@ -1,0 +1,51 @@
+"""PPO epochs over minibatches of one iteration's batch; writes the next checkpoint with
+optimizer and KL-controller state, and this iteration's metrics (update@i)."""
+
+from minichatgpt.stage import parser, run
+
+
+def main() -> dict:
+    p = parser("update", __doc__)
+    p.add_argument("--iter", type=int, required=True)
+    p.add_argument("--policy", required=True, help="checkpoint directory of the previous iteration")
+    p.add_argument("--advantages", required=True)
+    p.add_argument("--out", required=True, help="output checkpoint directory")
+    p.add_argument("--metrics", required=True, help="output metrics JSON of this iteration")
+    args = p.parse_args()
+
+    from minichatgpt.artifacts import atomic_path, read_table, write_json
+    from minichatgpt.params import load_yaml, section
+    from minichatgpt.stage import setup_torch, stage_seed
+
+    raw = load_yaml(args.params)
+    ppo, runtime = section(raw, "ppo"), section(raw, "runtime")
+    table = read_table(args.advantages, "advantages")
+    if table.num_rows != ppo.batch_size:
+        raise ValueError(f"{args.advantages}: {table.num_rows} rows but ppo.batch_size={ppo.batch_size}")
+    setup_torch(runtime.threads)
+
+    from pathlib import Path
+
+    import torch
+
+    from minichatgpt.iteration import batch_from_table, batch_stats, current_kl_coef, next_kl_coef
+    from minichatgpt.models import load_optimizer_state, load_policy, save_policy
+    from minichatgpt.ppo import ppo_update
+
+    policy, tokenizer, state = load_policy(args.policy, ppo.seed)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=ppo.learning_rate)
+    load_optimizer_state(optimizer, Path(args.policy))
+    generator = torch.Generator().manual_seed(stage_seed(ppo.seed, "update", args.iter))
+    stats = ppo_update(policy, optimizer, batch_from_table(table), ppo, generator, tokenizer.pad_token_id)
+    env = batch_stats(table)
+    kl_coef = next_kl_coef(current_kl_coef(state, ppo), env["objective/kl"], table.num_rows, ppo)
+    new_state = {"iteration": args.iter, "kl_coef": kl_coef, "step": int(state.get("step", 0)) + int(stats["ppo/minibatches"])}
+    with atomic_path(args.out) as tmp:
+        save_policy(tmp, policy, tokenizer, optimizer, new_state)
+    metrics = {"iter": args.iter} | env | stats | {"objective/kl_coef_next": kl_coef}
+    write_json(metrics, args.metrics)
+    return {k: metrics[k] for k in ("iter", "env/reward_mean", "objective/kl", "objective/kl_coef", "policy/clipfrac")}
+
+
+if __name__ == "__main__":
+    run("update", main)
