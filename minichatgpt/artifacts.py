@@ -61,7 +61,8 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         _fsync_tree(tmp)
-        _remove(final)
+        if final.is_dir() and not final.is_symlink():
+            _remove(final)  # a directory cannot be replaced in one step; a file can
         os.replace(tmp, final)
         _fsync_dir(final.parent)
     finally:
@@ -110,6 +111,9 @@ def conform(table: pa.Table, kind: str, where: str) -> pa.Table:
         found = table.schema.field(fld.name).type
         if found != fld.type:
             raise ArtifactError(f"{where}: column {fld.name!r} has type {found}, expected {fld.type}")
+        if table[fld.name].null_count:
+            row = table[fld.name].is_null().to_pylist().index(True)
+            raise ArtifactError(f"{where}: row {row}: column {fld.name!r} is null")
     table = table.select(schema.names)
     _check_lengths(table, where)
     return table

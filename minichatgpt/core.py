@@ -226,5 +226,7 @@ class FixedKLController:
         return self.value
 
 
-def kl_controller(adaptive: bool, value: float, target: float, horizon: float) -> AdaptiveKLController | FixedKLController:
+def kl_controller(
+    adaptive: bool, value: float, target: float, horizon: float
+) -> AdaptiveKLController | FixedKLController:
     return AdaptiveKLController(value, target, horizon) if adaptive else FixedKLController(value)

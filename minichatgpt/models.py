@@ -108,7 +108,7 @@ class PolicyWithValueHead(nn.Module):
         return out.logits, values, new_cache
 
 
-def _source_of(ckpt: Path) -> str:
+def source_of(ckpt: Path) -> str:
     """Where the LM weights of a checkpoint directory live (itself, or a recorded name)."""
     src = ckpt / SOURCE_FILE
     if src.is_file():
@@ -123,7 +123,7 @@ def load_causal_lm(ref: str | Path) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     path = Path(ref)
-    name = _source_of(path) if path.is_dir() else str(ref)
+    name = source_of(path) if path.is_dir() else str(ref)
     try:
         model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=False, dtype=torch.float32)
     except (OSError, ValueError) as err:
@@ -144,7 +144,7 @@ def load_policy(ckpt: str | Path, seed: int) -> tuple[PolicyWithValueHead, Any, 
     head = ckpt / "value_head.safetensors"
     if head.is_file():
         policy.v_head.load_state_dict(load_file(head))
-    tokenizer = load_tokenizer(_source_of(ckpt))
+    tokenizer = load_tokenizer(source_of(ckpt))
     if len(tokenizer) > lm.config.vocab_size:
         raise ModelError(f"{ckpt}: tokenizer has {len(tokenizer)} tokens but the model only {lm.config.vocab_size}")
     state_file = ckpt / "state.json"
@@ -194,8 +194,9 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, ckpt: Path) -> bool:
         _, idx, key = name.split(".", 2)
         state.setdefault(int(idx), {})[key] = value
     sd = optimizer.state_dict()
-    if len(state) != len(sd["param_groups"][0]["params"]):
-        raise ModelError(f"{file}: optimizer state has {len(state)} tensors, the policy {len(sd['param_groups'][0]['params'])}")
+    n_params = len(sd["param_groups"][0]["params"])
+    if len(state) != n_params:
+        raise ModelError(f"{file}: optimizer state covers {len(state)} parameters, the policy has {n_params}")
     sd["state"] = state
     optimizer.load_state_dict(sd)
     return True

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-
+import re
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,7 +170,9 @@ class PPOParams:
         _check(self.cliprange > 0, "ppo.cliprange", self.cliprange, "> 0")
         _check(self.cliprange_value > 0, "ppo.cliprange_value", self.cliprange_value, "> 0")
         _check(self.vf_coef >= 0, "ppo.vf_coef", self.vf_coef, ">= 0")
-        _check(self.kl_penalty in KL_ESTIMATORS, "ppo.kl_penalty", self.kl_penalty, f"one of {', '.join(KL_ESTIMATORS)}")
+        _check(
+            self.kl_penalty in KL_ESTIMATORS, "ppo.kl_penalty", self.kl_penalty, f"one of {', '.join(KL_ESTIMATORS)}"
+        )
         _check(self.ratio_threshold > 1, "ppo.ratio_threshold", self.ratio_threshold, "> 1")
         _check(self.max_grad_norm >= 0, "ppo.max_grad_norm", self.max_grad_norm, ">= 0")
 
@@ -208,9 +210,14 @@ def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
         raise ParamsError(f"params.yaml: {name}={value!r} is not allowed; expected {allowed}")
 
 
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)")
+
+
 def _coerce(name: str, value: Any, kind: Any) -> Any:
     """Check a YAML value against a dataclass field type (ints are accepted for floats)."""
     if kind in ("float", float):
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads 1e-5 (no dot) as a string; YAML 1.2 and DVC do not
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ParamsError(f"params.yaml: {name}={value!r} is not allowed; expected a number")
         return float(value)
@@ -276,6 +283,8 @@ def load_yaml(path: str | Path = "params.yaml") -> dict:
 
 def section(raw: dict, name: str) -> Any:
     """The validated dataclass for one section of a loaded params.yaml."""
+    if name not in SECTIONS:
+        raise ParamsError(f"params.yaml: unknown section {name!r}; known: {', '.join(SECTIONS)}")
     return _build(SECTIONS[name], raw.get(name), name)
 
 

@@ -30,8 +30,7 @@ def main() -> dict:
     setup_torch(runtime.threads)
 
     from minichatgpt.iteration import batch_stats, current_kl_coef, reference_logprobs, score
-    from minichatgpt.models import load_causal_lm, load_tokenizer
-    from minichatgpt.models import _source_of as source_of
+    from minichatgpt.models import load_causal_lm, load_tokenizer, source_of
     from minichatgpt.reward import RewardModel
 
     reward = RewardModel(args.reward, batch_size=gen.forward_batch_size)

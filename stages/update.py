@@ -39,7 +39,8 @@ def main() -> dict:
     stats = ppo_update(policy, optimizer, batch_from_table(table), ppo, generator, tokenizer.pad_token_id)
     env = batch_stats(table)
     kl_coef = next_kl_coef(current_kl_coef(state, ppo), env["objective/kl"], table.num_rows, ppo)
-    new_state = {"iteration": args.iter, "kl_coef": kl_coef, "step": int(state.get("step", 0)) + int(stats["ppo/minibatches"])}
+    step = int(state.get("step", 0)) + int(stats["ppo/minibatches"])
+    new_state = {"iteration": args.iter, "kl_coef": kl_coef, "step": step}
     with atomic_path(args.out) as tmp:
         save_policy(tmp, policy, tokenizer, optimizer, new_state)
     metrics = {"iter": args.iter} | env | stats | {"objective/kl_coef_next": kl_coef}
