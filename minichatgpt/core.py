@@ -7,6 +7,7 @@ math can be tested against plain-Python references.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -150,7 +151,8 @@ def per_token_rewards(
     mask = mask.to(kl.dtype)
     non_score = -kl_coef * kl * mask
     last = (mask.cumsum(-1) == mask.sum(-1, keepdim=True)) & (mask > 0)
-    rewards = non_score + last.to(kl.dtype) * scores.to(kl.dtype).unsqueeze(-1)
+    # add the score only where it belongs, so other positions keep -beta*kl exactly (-0.0 at kl=0, as TRL)
+    rewards = torch.where(last, non_score + scores.to(kl.dtype).unsqueeze(-1), non_score)
     return rewards, non_score
 
 
@@ -230,3 +232,51 @@ def kl_controller(
     adaptive: bool, value: float, target: float, horizon: float
 ) -> AdaptiveKLController | FixedKLController:
     return AdaptiveKLController(value, target, horizon) if adaptive else FixedKLController(value)
+
+
+@dataclass
+class RunningMoments:
+    """Running mean and variance of all scores seen so far (parallel-variance merge).
+
+    ``std`` is the unbiased standard deviation; the state is plain floats so it can
+    travel in a checkpoint's ``state.json``.
+    """
+
+    mean: float = 0.0
+    var: float = 1.0
+    count: float = 1e-24
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.var * self.count / max(self.count - 1, 1e-24)) if self.count > 1 else math.sqrt(self.var)
+
+    def update(self, xs: torch.Tensor) -> RunningMoments:
+        xs = xs.double().reshape(-1)
+        n = xs.numel()
+        xs_mean, xs_var = xs.mean().item(), xs.var(unbiased=False).item()
+        total = self.count + n
+        delta = xs_mean - self.mean
+        m2 = self.var * self.count + xs_var * n + delta**2 * self.count * n / total
+        return RunningMoments(mean=self.mean + delta * n / total, var=m2 / total, count=total)
+
+
+def process_scores(
+    scores: torch.Tensor, ends_with_eos: torch.Tensor, moments: RunningMoments, *,
+    missing_eos_penalty: float = 0.0, use_score_scaling: bool = False, use_score_norm: bool = False,
+    score_clip: float = 0.0,
+) -> tuple[torch.Tensor, RunningMoments]:
+    """Scores as PPO sees them: EOS penalty, running scaling/normalisation, clipping (TRL order).
+
+    Returns the processed scores and the moments updated with this batch (after the
+    penalty), which the next iteration continues from.
+    """
+    scores = scores.float()
+    if missing_eos_penalty:
+        scores = scores - missing_eos_penalty * (~ends_with_eos.bool()).float()
+    if use_score_scaling:
+        moments = moments.update(scores)
+        factor = moments.std + torch.finfo(scores.dtype).eps
+        scores = (scores - moments.mean) / factor if use_score_norm else scores / factor
+    if score_clip:
+        scores = scores.clamp(-score_clip, score_clip)
+    return scores, moments

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from minichatgpt.core import gae, kl_penalty, per_token_rewards, whiten
+from minichatgpt.core import RunningMoments, gae, kl_penalty, per_token_rewards, process_scores, whiten
 from minichatgpt.params import GenerationParams, PPOParams
 
 log = logging.getLogger(__name__)
@@ -119,19 +119,63 @@ def reference_logprobs(
     return out
 
 
+@torch.no_grad()
+def full_kl(
+    policy: Any, reference: Any, queries: list[list[int]], responses: list[list[int]], pad_id: int, batch_size: int
+) -> list[list[float]]:
+    """Exact per-token KL over the vocabulary (``ppo.kl_penalty: full``); needs both models' logits."""
+    from minichatgpt.rollout import forward_responses, pack
+
+    out: list[list[float]] = []
+    for start in range(0, len(queries), batch_size):
+        batch = pack(queries[start : start + batch_size], responses[start : start + batch_size], pad_id)
+        pol = forward_responses(policy, batch, with_values=False, with_logits=True)
+        ref = forward_responses(reference, batch, with_values=False, with_logits=True)
+        kl = kl_penalty(pol["logprobs"], ref["logprobs"], "full", pol["logits"], ref["logits"])
+        out += unpad(kl, pol["mask"])
+    return out
+
+
+def ends_with_eos(table: pa.Table, eos_id: int) -> torch.Tensor:
+    return torch.tensor([row[-1] == eos_id for row in table["response_ids"].to_pylist()])
+
+
+def moments_of(state: dict) -> RunningMoments:
+    return RunningMoments(**state["score_moments"]) if state.get("score_moments") else RunningMoments()
+
+
+def processed_scores(
+    table: pa.Table, raw: np.ndarray, state: dict, params: PPOParams, eos_id: int
+) -> tuple[torch.Tensor, RunningMoments]:
+    """The scores PPO optimises and the running score moments after this batch."""
+    return process_scores(
+        torch.from_numpy(np.asarray(raw, np.float32)), ends_with_eos(table, eos_id), moments_of(state),
+        missing_eos_penalty=params.missing_eos_penalty, use_score_scaling=params.use_score_scaling,
+        use_score_norm=params.use_score_norm, score_clip=params.score_clip,
+    )
+
+
 def score(
-    rollouts: pa.Table, scores: np.ndarray, ref_logprobs: list[list[float]], kl_coef: float, estimator: str
+    rollouts: pa.Table, scores: np.ndarray, ref_logprobs: list[list[float]], kl_coef: float, estimator: str,
+    processed: torch.Tensor | None = None, kl_rows: list[list[float]] | None = None,
 ) -> pa.Table:
-    """Add the reward-model score, reference logprobs, per-token KL and rewards."""
-    if estimator == "full":
-        raise ValueError("ppo.kl_penalty='full' needs the policy logits, which rollouts do not store; "
-                         "use kl, abs, mse or k3 in the pipeline")
+    """Add the raw reward-model score, reference logprobs, per-token KL and rewards.
+
+    ``processed`` are the scores after EOS penalty/scaling/clipping (default: raw);
+    ``kl_rows`` a precomputed per-token KL (needed for the ``full`` estimator).
+    """
     check_finite("score", [scores], "score")
     check_finite("ref_logprobs", ref_logprobs, "score")
     logprobs, mask = pad_rows(rollouts["logprobs"].to_pylist())
     ref, _ = pad_rows(ref_logprobs)
-    kl = kl_penalty(logprobs, ref, estimator) * mask
-    rewards, _ = per_token_rewards(torch.from_numpy(np.asarray(scores, np.float32)), kl, kl_coef, mask)
+    if kl_rows is not None:
+        kl = pad_rows(kl_rows)[0] * mask
+    elif estimator == "full":
+        raise ValueError("ppo.kl_penalty='full' needs the per-token KL from both models' logits (kl_rows)")
+    else:
+        kl = kl_penalty(logprobs, ref, estimator) * mask
+    final = processed if processed is not None else torch.from_numpy(np.asarray(scores, np.float32))
+    rewards, _ = per_token_rewards(final, kl, kl_coef, mask)
     return rollouts.append_column("score", pa.array(np.asarray(scores, np.float32), pa.float32())) \
         .append_column("ref_logprobs", pa.array(ref_logprobs, pa.list_(pa.float32()))) \
         .append_column("kl", pa.array(unpad(kl, mask), pa.list_(pa.float32()))) \
@@ -139,9 +183,11 @@ def score(
         .append_column("kl_coef", pa.array([kl_coef] * rollouts.num_rows, pa.float32()))
 
 
-def advantages(scored: pa.Table, gamma: float, lam: float) -> pa.Table:
+def advantages(scored: pa.Table, gamma: float, lam: float, whiten_rewards: bool = False) -> pa.Table:
     """GAE over each response, then whiten the advantages over the whole batch."""
     rewards, mask = pad_rows(scored["rewards"].to_pylist())
+    if whiten_rewards:
+        rewards = whiten(rewards, shift_mean=False, mask=mask)
     values, _ = pad_rows(scored["values"].to_pylist())
     adv, returns = gae(rewards, values, gamma, lam, mask)
     adv = whiten(adv, shift_mean=True, mask=mask)

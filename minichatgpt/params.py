@@ -151,6 +151,21 @@ class PPOParams:
     """skip a minibatch whose mean probability ratio exceeds this."""
     max_grad_norm: float = 0.0
     """clip the gradient norm (0 = off, as TRL's default None)."""
+    gradient_accumulation_steps: int = 1
+    """split each minibatch into this many parts; the update equals the unsplit one."""
+    use_score_scaling: bool = False
+    """divide scores by their running standard deviation (over all iterations so far)."""
+    use_score_norm: bool = False
+    """with use_score_scaling: also subtract the running mean."""
+    score_clip: float = 0.0
+    """clip scores to [-score_clip, score_clip] after scaling (0 = off, TRL's None)."""
+    missing_eos_penalty: float = 0.0
+    """subtracted from the score of a response that did not end with EOS (0 = off)."""
+    whiten_rewards: bool = False
+    """whiten per-token rewards over the batch (keeping their mean) before GAE."""
+    early_stopping: bool = False
+    """stop the PPO epochs once a minibatch's policy KL exceeds 1.5 * target_kl."""
+    target_kl: float = 1.0
     seed: int = 0
 
     def validate(self) -> None:
@@ -175,6 +190,15 @@ class PPOParams:
         )
         _check(self.ratio_threshold > 1, "ppo.ratio_threshold", self.ratio_threshold, "> 1")
         _check(self.max_grad_norm >= 0, "ppo.max_grad_norm", self.max_grad_norm, ">= 0")
+        _check(self.gradient_accumulation_steps >= 1, "ppo.gradient_accumulation_steps",
+               self.gradient_accumulation_steps, ">= 1")
+        _check(self.mini_batch_size % self.gradient_accumulation_steps == 0, "ppo.mini_batch_size",
+               self.mini_batch_size, "a multiple of ppo.gradient_accumulation_steps")
+        _check(self.score_clip >= 0, "ppo.score_clip", self.score_clip, ">= 0 (0 = off)")
+        _check(self.missing_eos_penalty >= 0, "ppo.missing_eos_penalty", self.missing_eos_penalty, ">= 0 (0 = off)")
+        _check(self.target_kl > 0, "ppo.target_kl", self.target_kl, "> 0")
+        _check(not self.use_score_norm or self.use_score_scaling, "ppo.use_score_norm", self.use_score_norm,
+               "false unless ppo.use_score_scaling is true")
 
 
 @dataclass

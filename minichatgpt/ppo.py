@@ -91,38 +91,57 @@ def ppo_loss(
     return pg_loss, params.vf_coef * vf_loss, stats
 
 
+def _micro_batches(mb: PPOBatch, n: int) -> list[PPOBatch]:
+    size = -(-len(mb) // n)
+    return [mb.select(list(range(i, min(i + size, len(mb))))) for i in range(0, len(mb), size)]
+
+
 def train_minibatch(
     policy: PolicyWithValueHead, optimizer: torch.optim.Optimizer, mb: PPOBatch, params: PPOParams, pad_id: int
-) -> tuple[dict[str, torch.Tensor], bool]:
-    """One gradient step on a minibatch; returns its stats and whether it was skipped."""
-    out = forward_responses(policy, pack(mb.queries, mb.responses, pad_id), with_logits=True)
-    loss_p, loss_v, stats = ppo_loss(
-        mb.logprobs, mb.values, None, out["values"], out["logprobs"], mb.mask,
-        mb.advantages, mb.returns, params, entropy=out["entropy"],
-    )
-    loss = loss_p + loss_v
-    if not torch.isfinite(loss):
-        raise NonFiniteError(f"non-finite PPO loss ({loss.item()}): policy={loss_p.item()} value={loss_v.item()}")
-    ratio = masked_mean(torch.exp(out["logprobs"] - mb.logprobs), mb.mask).item()
-    if ratio > params.ratio_threshold:
-        log.warning("skipping minibatch: mean ratio %.2f > ppo.ratio_threshold %.2f", ratio, params.ratio_threshold)
-        return stats, True
+) -> tuple[list[dict[str, torch.Tensor]], bool]:
+    """One optimizer step on a minibatch, accumulated over ``gradient_accumulation_steps`` parts.
+
+    Each part's loss is weighted by its share of the minibatch's response tokens, so
+    the accumulated gradient equals that of the whole minibatch's token mean.
+    Returns the per-part stats and whether the step was skipped (ratio spike).
+    """
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    total_tokens = mb.mask.sum()
+    collected = []
+    for part in _micro_batches(mb, params.gradient_accumulation_steps):
+        out = forward_responses(policy, pack(part.queries, part.responses, pad_id), with_logits=True)
+        loss_p, loss_v, stats = ppo_loss(
+            part.logprobs, part.values, None, out["values"], out["logprobs"], part.mask,
+            part.advantages, part.returns, params, entropy=out["entropy"],
+        )
+        collected.append(stats)
+        loss = loss_p + loss_v
+        if not torch.isfinite(loss):
+            raise NonFiniteError(f"non-finite PPO loss ({loss.item()}): policy={loss_p.item()} value={loss_v.item()}")
+        ratio = masked_mean(torch.exp(out["logprobs"] - part.logprobs), part.mask).item()
+        if ratio > params.ratio_threshold:
+            log.warning("skipping minibatch: mean ratio %.2f > ppo.ratio_threshold %.2f", ratio, params.ratio_threshold)
+            optimizer.zero_grad(set_to_none=True)
+            return collected, True
+        (loss * (part.mask.sum() / total_tokens)).backward()
     if params.max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(policy.parameters(), params.max_grad_norm)
     optimizer.step()
-    return stats, False
+    return collected, False
 
 
 def ppo_update(
     policy: PolicyWithValueHead, optimizer: torch.optim.Optimizer, batch: PPOBatch, params: PPOParams,
     generator: torch.Generator, pad_id: int, progress: bool = True,
 ) -> dict[str, float]:
-    """``ppo_epochs`` passes over seeded-shuffled minibatches; mean stats over all steps."""
+    """``ppo_epochs`` passes over seeded-shuffled minibatches; mean stats over all steps.
+
+    With ``early_stopping``, stops once a minibatch's policy KL exceeds ``1.5 * target_kl``.
+    """
     policy.eval()  # no dropout: the ratio must be exactly 1 before the first step
     collected: list[dict[str, torch.Tensor]] = []
-    skipped = 0
+    skipped = steps = 0
+    stopped = False
     total = params.ppo_epochs * math.ceil(len(batch) / params.mini_batch_size)
     bar = tqdm(total=total, desc="ppo", disable=not progress, mininterval=5)
     for _ in range(params.ppo_epochs):
@@ -131,11 +150,20 @@ def ppo_update(
             stats, was_skipped = train_minibatch(
                 policy, optimizer, batch.select(order[start : start + params.mini_batch_size]), params, pad_id
             )
-            collected.append(stats)
+            collected += stats
             skipped += int(was_skipped)
+            steps += 1
             bar.update(1)
+            policykl = float(torch.stack([s["policy/policykl"] for s in stats]).mean())
+            if params.early_stopping and policykl > 1.5 * params.target_kl:
+                stopped = True
+                break
+        if stopped:
+            break
     bar.close()
-    return summarize(collected) | {"ppo/skipped_minibatches": float(skipped), "ppo/minibatches": float(total)}
+    return summarize(collected) | {
+        "ppo/skipped_minibatches": float(skipped), "ppo/minibatches": float(steps), "ppo/early_stopped": float(stopped),
+    }
 
 
 def summarize(collected: list[dict[str, torch.Tensor]]) -> dict[str, float]:

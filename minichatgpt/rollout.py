@@ -133,5 +133,6 @@ def forward_responses(
         out["values"] = torch.gather(values, 1, index)
     if with_logits:
         out["logits"] = resp_logits
-        out["entropy"] = entropy_from_logits(resp_logits)
+        with torch.no_grad():  # a statistic only: no graph through a second softmax
+            out["entropy"] = entropy_from_logits(resp_logits)
     return out

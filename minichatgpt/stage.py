@@ -38,10 +38,11 @@ def setup_torch(threads: int) -> None:
     import torch
 
     torch.set_num_threads(max(1, threads))
+    # CPU kernels used here are deterministic for a fixed thread count; not calling
+    # torch.use_deterministic_algorithms avoids importing torch._inductor (~2 s per stage).
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def run(name: str, main: Callable[[], dict | None]) -> None:

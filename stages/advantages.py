@@ -1,6 +1,6 @@
 """Generalised advantage estimation over scored rollouts (advantages@i).
 
-Reads only ``ppo.gamma`` and ``ppo.lam``; imports torch but not transformers,
+Reads only ``ppo.gamma``, ``ppo.lam`` and ``ppo.whiten_rewards``; imports torch but not transformers,
 so it starts in about a second.
 """
 
@@ -22,7 +22,7 @@ def main() -> dict:
 
     from minichatgpt.iteration import advantages
 
-    table = advantages(scored, ppo.gamma, ppo.lam)
+    table = advantages(scored, ppo.gamma, ppo.lam, ppo.whiten_rewards)
     write_table(table, args.out, "advantages")
     return {"iter": args.iter, "gamma": ppo.gamma, "lam": ppo.lam}
 

@@ -9,7 +9,8 @@ def main() -> dict:
     p.add_argument("--iter", type=int, required=True)
     p.add_argument("--rollouts", required=True)
     p.add_argument("--reference", default="checkpoints/0", help="reference policy checkpoint")
-    p.add_argument("--state", required=True, help="state.json of the previous checkpoint (KL coefficient)")
+    p.add_argument("--policy", required=True,
+                   help="checkpoint that generated the rollouts (KL coefficient, score moments, 'full' KL)")
     p.add_argument("--reward", default="models/reward")
     p.add_argument("--out", required=True)
     args = p.parse_args()
@@ -26,10 +27,20 @@ def main() -> dict:
     raw = load_yaml(args.params)
     ppo, gen, runtime = section(raw, "ppo"), section(raw, "generation"), section(raw, "runtime")
     rollouts = read_table(args.rollouts, "rollouts")
-    state = json.loads(Path(args.state).read_text())
+    state_file = Path(args.policy) / "state.json"
+    if not state_file.is_file():
+        raise FileNotFoundError(f"{state_file}: missing; {args.policy} is not a finished checkpoint")
+    state = json.loads(state_file.read_text())
     setup_torch(runtime.threads)
 
-    from minichatgpt.iteration import batch_stats, current_kl_coef, reference_logprobs, score
+    from minichatgpt.iteration import (
+        batch_stats,
+        current_kl_coef,
+        full_kl,
+        processed_scores,
+        reference_logprobs,
+        score,
+    )
     from minichatgpt.models import load_causal_lm, load_tokenizer, source_of
     from minichatgpt.reward import RewardModel
 
@@ -37,12 +48,15 @@ def main() -> dict:
     texts = [q + r for q, r in zip(rollouts["query"].to_pylist(), rollouts["response"].to_pylist())]
     scores = np.asarray(reward.score(texts), dtype=np.float32)
     reference = load_causal_lm(args.reference)
-    pad_id = load_tokenizer(source_of(Path(args.reference))).pad_token_id
-    ref = reference_logprobs(
-        reference, rollouts["query_ids"].to_pylist(), rollouts["response_ids"].to_pylist(),
-        pad_id, gen.forward_batch_size,
-    )
-    table = score(rollouts, scores, ref, current_kl_coef(state, ppo), ppo.kl_penalty)
+    tokenizer = load_tokenizer(source_of(Path(args.reference)))
+    queries, responses = rollouts["query_ids"].to_pylist(), rollouts["response_ids"].to_pylist()
+    ref = reference_logprobs(reference, queries, responses, tokenizer.pad_token_id, gen.forward_batch_size)
+    kl_rows = None
+    if ppo.kl_penalty == "full":
+        policy = load_causal_lm(args.policy)
+        kl_rows = full_kl(policy, reference, queries, responses, tokenizer.pad_token_id, gen.forward_batch_size)
+    processed, _ = processed_scores(rollouts, scores, state, ppo, tokenizer.eos_token_id)
+    table = score(rollouts, scores, ref, current_kl_coef(state, ppo), ppo.kl_penalty, processed, kl_rows)
     write_table(table, args.out, "scored")
     return {"iter": args.iter} | batch_stats(table)
 

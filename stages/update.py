@@ -28,7 +28,7 @@ def main() -> dict:
 
     import torch
 
-    from minichatgpt.iteration import batch_from_table, batch_stats, current_kl_coef, next_kl_coef
+    from minichatgpt.iteration import batch_from_table, batch_stats, current_kl_coef, next_kl_coef, processed_scores
     from minichatgpt.models import load_optimizer_state, load_policy, save_policy
     from minichatgpt.ppo import ppo_update
 
@@ -40,7 +40,9 @@ def main() -> dict:
     env = batch_stats(table)
     kl_coef = next_kl_coef(current_kl_coef(state, ppo), env["objective/kl"], table.num_rows, ppo)
     step = int(state.get("step", 0)) + int(stats["ppo/minibatches"])
-    new_state = {"iteration": args.iter, "kl_coef": kl_coef, "step": step}
+    raw_scores = table["score"].to_numpy()
+    _, moments = processed_scores(table, raw_scores, state, ppo, tokenizer.eos_token_id)
+    new_state = {"iteration": args.iter, "kl_coef": kl_coef, "step": step, "score_moments": moments.__dict__}
     with atomic_path(args.out) as tmp:
         save_policy(tmp, policy, tokenizer, optimizer, new_state)
     metrics = {"iter": args.iter} | env | stats | {"objective/kl_coef_next": kl_coef}

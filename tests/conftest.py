@@ -13,7 +13,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
-TINY_PARAMS = {
+TINY_OVERRIDES = {
     "runtime": {"threads": 1},
     "data": {"seed": 0, "max_reviews": 1200, "eval_prompts": 32, "input_min_text_length": 2,
              "input_max_text_length": 8},
@@ -26,6 +26,17 @@ TINY_PARAMS = {
     "evaluate": {"seed": 1, "samples": 2},
     "iters": {"1": {"prev": "0"}, "2": {"prev": "1"}},
 }
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _merge(base.get(key, {}), value) if isinstance(value, dict) and key != "iters" else value
+    return out
+
+
+TINY_PARAMS = _merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY_OVERRIDES)
+"""The repository's params.yaml (every key DVC expects) with tiny sizes for fast tests."""
 
 
 def tool_env() -> dict[str, str]:

@@ -100,3 +100,23 @@ def test_forced_rerun_is_bit_identical(repo: Path) -> None:
     before = out_hashes(repo)
     sh(["dvc", "repro", "--force"], repo)
     assert out_hashes(repo) == before
+
+
+@pytest.mark.parametrize(("key", "value", "readers"), [
+    ("kl_penalty", "k3", {"score@1", "score@2"}),
+    ("adap_kl_ctrl", False, {"update@1", "update@2"}),
+    ("init_kl_coef", 0.1, {"score@1", "score@2", "update@1", "update@2"}),
+    ("whiten_rewards", True, {"advantages@1", "advantages@2"}),
+    ("use_score_scaling", True, {"score@1", "score@2"}),
+])
+def test_a_ppo_option_invalidates_only_the_stages_that_read_it(repo: Path, key, value, readers) -> None:
+    import json
+
+    try:
+        params = yaml.safe_load((repo / "params.yaml").read_text())
+        params["ppo"][key] = value
+        write_params(repo / "params.yaml", params)
+        status = json.loads(sh(["dvc", "status", "--json"], repo).stdout)
+        assert set(status) == readers
+    finally:
+        restore(repo)

@@ -1,0 +1,1 @@
+"""Ready-made experiment configurations for the notebook API."""
