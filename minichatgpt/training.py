@@ -22,6 +22,25 @@ def _lr_at(step: int, max_steps: int, peak: float, warmup: int) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def _train_steps(model: torch.nn.Module, max_steps: int, lr: float, desc: str, loss_at) -> None:
+    """AdamW with linear warm-up and cosine decay for a fixed number of steps."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    warmup = max(1, max_steps // 20)
+    model.train()
+    bar = tqdm(range(max_steps), desc=desc, mininterval=5)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, max_steps, lr, warmup)
+        loss = loss_at(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+
+
 def token_stream(tokenizer: Any, texts: list[str]) -> np.ndarray:
     """All texts tokenized and joined with EOS, as one int32 array."""
     eos = tokenizer.eos_token_id
@@ -34,24 +53,14 @@ def pretrain_lm(model: torch.nn.Module, stream: np.ndarray, valid: np.ndarray, p
     """Train a causal LM on random ``block_size`` windows of ``stream``; return metrics."""
     gen = torch.Generator().manual_seed(params.seed)
     data = torch.from_numpy(stream.astype(np.int64))
-    opt = torch.optim.AdamW(model.parameters(), lr=params.learning_rate, weight_decay=0.01)
-    warmup = max(1, params.max_steps // 20)
-    model.train()
     block = params.block_size
-    bar = tqdm(range(params.max_steps), desc="pretrain", mininterval=5)
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(step, params.max_steps, params.learning_rate, warmup)
+
+    def loss_at(step: int) -> torch.Tensor:
         starts = torch.randint(0, len(data) - block - 1, (params.batch_size,), generator=gen)
         batch = torch.stack([data[s : s + block] for s in starts.tolist()])
-        loss = model(input_ids=batch, labels=batch).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    model.eval()
+        return model(input_ids=batch, labels=batch).loss
+
+    _train_steps(model, params.max_steps, params.learning_rate, "pretrain", loss_at)
     valid_loss = lm_loss(model, valid, block)
     return {"pretrain/valid_loss": valid_loss, "pretrain/valid_perplexity": math.exp(valid_loss),
             "pretrain/steps": params.max_steps}
@@ -98,24 +107,14 @@ def train_classifier(
 ) -> None:
     gen = torch.Generator().manual_seed(params.seed)
     torch.manual_seed(params.seed)  # dropout
-    opt = torch.optim.AdamW(model.parameters(), lr=params.learning_rate, weight_decay=0.01)
-    warmup = max(1, params.max_steps // 20)
     y = torch.tensor(labels, dtype=torch.long)
-    model.train()
-    bar = tqdm(range(params.max_steps), desc="train_reward", mininterval=5)
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(step, params.max_steps, params.learning_rate, warmup)
+
+    def loss_at(step: int) -> torch.Tensor:
         idx = torch.randint(0, len(examples), (params.batch_size,), generator=gen).tolist()
         ids, mask = _pad([examples[i] for i in idx], pad_id)
-        loss = model(input_ids=ids, attention_mask=mask, labels=y[idx]).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    model.eval()
+        return model(input_ids=ids, attention_mask=mask, labels=y[idx]).loss
+
+    _train_steps(model, params.max_steps, params.learning_rate, "train_reward", loss_at)
 
 
 @torch.no_grad()

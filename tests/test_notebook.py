@@ -38,3 +38,28 @@ def test_walkthrough_notebook_runs_headless(built_project: Path) -> None:
     assert not errors
     last = nb.cells[-1]["outputs"][0]["data"]["text/plain"]
     assert "policy/clipfrac" in last and "objective/kl" in last
+
+
+def test_lab_builds_a_dataset_from_a_local_file(built_project: Path, tmp_path: Path) -> None:
+    from minichatgpt.experiments.imdb import PPOConfig
+    from minichatgpt.lab import Lab
+
+    long = "This film is a quiet, patient study of grief, and it earns every minute of its running time. " * 3
+    csv = tmp_path / "reviews.csv"
+    csv.write_text('text,label\n"' + long + '",1\n"too short",0\n"' + long.upper() + '",0\n')
+    ds = Lab(PPOConfig(), root=built_project).build_dataset(str(csv), input_min_text_length=2,
+                                                          input_max_text_length=5)
+    assert len(ds) == 2  # the short review is filtered out, as in the original notebook
+    for row in ds:
+        assert 2 <= len(row["input_ids"]) <= 5
+        assert long.lower().startswith(row["query"].lower())
+
+
+def test_lab_says_how_to_build_missing_models(tmp_path: Path) -> None:
+    from minichatgpt.experiments.imdb import PPOConfig
+    from minichatgpt.lab import Lab
+    from minichatgpt.models import ModelError
+
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    with pytest.raises(ModelError, match="dvc repro pretrain train_reward"):
+        Lab(PPOConfig(), root=tmp_path).init_policies_tokenizer()

@@ -15,8 +15,9 @@ from minichatgpt.params import PPOParams
 
 
 @dataclass
-class PPOConfig:
-    """TRL legacy ``PPOConfig`` fields and defaults, plus the model names."""
+class PPOConfig(PPOParams):
+    """TRL legacy ``PPOConfig``: every ``ppo:`` field of params.yaml (same names and
+    defaults as the DVC stages read), plus the models, data set and forward batch size."""
 
     exp_name: str = "imdb"
     model_name: str = "checkpoints/0"
@@ -24,39 +25,10 @@ class PPOConfig:
     reward_model_name: str = "models/reward"
     """reward: a text-classification model directory or hub name, or module:function."""
     query_dataset: str = "imdb"
-    learning_rate: float = 1.41e-5
-    batch_size: int = 256
-    """rollouts per PPO step."""
     forward_batch_size: int = 16
     """rows per no-grad forward pass (memory only; results do not depend on it)."""
     mini_batch_size: int = 16
-    """rows per gradient step."""
-    gradient_accumulation_steps: int = 1
-    """split each minibatch into this many micro-batches; the update is the same."""
-    ppo_epochs: int = 4
-    init_kl_coef: float = 0.2
-    adap_kl_ctrl: bool = True
-    target: float = 6.0
-    horizon: float = 10000.0
-    gamma: float = 1.0
-    lam: float = 0.95
-    cliprange: float = 0.2
-    cliprange_value: float = 0.2
-    vf_coef: float = 0.1
-    kl_penalty: str = "kl"
-    ratio_threshold: float = 10.0
-    max_grad_norm: float = 0.0
-    """0 = off (TRL: None)."""
-    use_score_scaling: bool = False
-    use_score_norm: bool = False
-    score_clip: float = 0.0
-    """0 = off (TRL: None)."""
-    missing_eos_penalty: float = 0.0
-    """0 = off (TRL: None)."""
-    whiten_rewards: bool = False
-    early_stopping: bool = False
-    target_kl: float = 1.0
-    seed: int = 0
+    """rows per gradient step (the original notebook's setting)."""
 
     def ppo_params(self) -> PPOParams:
         """The validated PPO section shared with the DVC stages."""
