@@ -28,12 +28,6 @@ def parser(name: str, doc: str | None) -> argparse.ArgumentParser:
     return p
 
 
-def stage_seed(base: int, stage: str, iteration: int = 0) -> int:
-    """A distinct, stable seed per (params seed, stage, iteration)."""
-    offsets = {"rollout": 1, "score": 2, "update": 3, "evaluate": 4}
-    return (base * 1_000_003 + iteration * 101 + offsets.get(stage, 0)) % (2**63)
-
-
 def setup_torch(threads: int) -> None:
     import torch
 
@@ -62,7 +56,9 @@ def run(name: str, main: Callable[[], dict | None]) -> None:
         summary = main() or {}
         figures = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items())
         log.info("done in %.1fs %s", time.perf_counter() - start, figures)
-    except (*USER_ERRORS, ModelError, NonFiniteError, ValueError) as err:
+    except (*USER_ERRORS, ModelError, NonFiniteError, FloatingPointError, ValueError) as err:
+        if os.environ.get("MINICHATGPT_DEBUG"):
+            raise
         print(f"stage {name}: {err}", file=sys.stderr)
         code = 2
     sys.stdout.flush()

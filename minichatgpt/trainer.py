@@ -175,7 +175,7 @@ class PPOTrainer:
 
     def step(self, queries: list[torch.Tensor], responses: list[torch.Tensor], scores: list[torch.Tensor]) -> dict:
         """One PPO iteration on a batch, exactly as score@i -> advantages@i -> update@i."""
-        from minichatgpt.stage import stage_seed
+        from minichatgpt.seeding import stage_seed
 
         self._step_safety_checker(self.params.batch_size, queries, responses, scores)
         self.model.eval()

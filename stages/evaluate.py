@@ -17,7 +17,8 @@ def main() -> dict:
 
     from minichatgpt.artifacts import read_table, write_json
     from minichatgpt.params import iterations, load_yaml, section
-    from minichatgpt.stage import setup_torch, stage_seed
+    from minichatgpt.seeding import stage_seed
+    from minichatgpt.stage import setup_torch
 
     raw = load_yaml(args.params)
     params, gen, runtime = section(raw, "evaluate"), section(raw, "generation"), section(raw, "runtime")

@@ -16,7 +16,8 @@ def main() -> dict:
 
     from minichatgpt.artifacts import read_table, write_table
     from minichatgpt.params import load_yaml, section
-    from minichatgpt.stage import setup_torch, stage_seed
+    from minichatgpt.seeding import stage_seed
+    from minichatgpt.stage import setup_torch
 
     raw = load_yaml(args.params)
     ppo, gen, runtime = section(raw, "ppo"), section(raw, "generation"), section(raw, "runtime")

@@ -15,7 +15,8 @@ def main() -> dict:
 
     from minichatgpt.artifacts import atomic_path, read_table, write_json
     from minichatgpt.params import load_yaml, section
-    from minichatgpt.stage import setup_torch, stage_seed
+    from minichatgpt.seeding import stage_seed
+    from minichatgpt.stage import setup_torch
 
     raw = load_yaml(args.params)
     ppo, runtime = section(raw, "ppo"), section(raw, "runtime")
