@@ -48,14 +48,6 @@ class PPOBatch:
         )
 
 
-def pad_lists(rows: list[list[float]], width: int | None = None) -> torch.Tensor:
-    width = width or max(len(r) for r in rows)
-    out = torch.zeros((len(rows), width), dtype=torch.float32)
-    for i, row in enumerate(rows):
-        out[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
-    return out
-
-
 def ppo_loss(
     old_logprobs: torch.Tensor, values: torch.Tensor, logits: torch.Tensor | None, vpreds: torch.Tensor,
     logprobs: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor, returns: torch.Tensor,
