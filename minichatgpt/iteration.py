@@ -185,6 +185,8 @@ def score(
 
 def advantages(scored: pa.Table, gamma: float, lam: float, whiten_rewards: bool = False) -> pa.Table:
     """GAE over each response, then whiten the advantages over the whole batch."""
+    check_finite("rewards", scored["rewards"].to_pylist(), "scored rollouts")
+    check_finite("values", scored["values"].to_pylist(), "scored rollouts")
     rewards, mask = pad_rows(scored["rewards"].to_pylist())
     if whiten_rewards:
         rewards = whiten(rewards, shift_mean=False, mask=mask)

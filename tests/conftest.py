@@ -82,3 +82,14 @@ def make_pipeline_repo(dest: Path, params: dict) -> Path:
 @pytest.fixture(scope="session")
 def tiny_params() -> dict:
     return yaml.safe_load(yaml.safe_dump(TINY_PARAMS))
+
+
+@pytest.fixture(scope="session")
+def pipeline_repo(tmp_path_factory) -> Path:
+    """The tiny pipeline reproduced once and committed; tests must restore what they change."""
+    repo = make_pipeline_repo(tmp_path_factory.mktemp("pipeline"), TINY_PARAMS)
+    first = sh(["dvc", "repro"], repo)
+    (repo / ".git" / "first_repro.log").write_text(first.stdout)
+    sh(["git", "add", "-A"], repo)
+    sh(["git", "commit", "-qm", "baseline run"], repo)
+    return repo
