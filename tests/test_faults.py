@@ -155,11 +155,13 @@ def repro_killed_in(repo: Path, stage: str, delay: float) -> bool:
     for line in proc.stdout:
         if f"Running stage '{stage}'" in line:
             time.sleep(delay)
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            return True
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:  # the whole run finished before the delay
+                pass
+            break
     proc.wait()
-    return False
+    return proc.returncode == -signal.SIGKILL
 
 
 KILL_POINTS = [("prepare", 1.0), ("pretrain", 4.0), ("train_reward", 6.0), ("rollout@1", 2.5),
