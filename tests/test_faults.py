@@ -164,8 +164,10 @@ def repro_killed_in(repo: Path, stage: str, delay: float) -> bool:
     return proc.returncode == -signal.SIGKILL
 
 
-KILL_POINTS = [("prepare", 1.0), ("pretrain", 4.0), ("train_reward", 6.0), ("rollout@1", 2.5),
-               ("score@1", 3.0), ("advantages@1", 0.8), ("update@1", 5.0), ("update@2", 6.5), ("evaluate", 5.5)]
+# delays (s) after the stage starts; torch+transformers stages spend ~4 s importing, so the
+# longer delays land in their compute or writes and the shorter ones in start-up
+KILL_POINTS = [("prepare", 1.0), ("pretrain", 4.0), ("train_reward", 3.0), ("rollout@1", 2.5),
+               ("score@1", 3.0), ("advantages@1", 0.8), ("update@1", 4.0), ("update@2", 3.5), ("evaluate", 2.0)]
 
 
 def test_sigkill_anywhere_then_plain_repro_gives_the_uninterrupted_hashes(pipeline_repo: Path, tmp_path) -> None:
@@ -178,6 +180,7 @@ def test_sigkill_anywhere_then_plain_repro_gives_the_uninterrupted_hashes(pipeli
     killed = [stage for stage, delay in KILL_POINTS if repro_killed_in(repo, stage, delay)]
     assert len(killed) >= 6, f"only killed in {killed}"
     final = sh(["dvc", "repro"], repo)
-    assert "Running stage" in final.stdout
+    if "evaluate" in killed:  # the last kill left work for the plain rerun
+        assert "Running stage 'evaluate'" in final.stdout
     assert outs((repo / "dvc.lock").read_text()) == uninterrupted
     assert "up to date" in sh(["dvc", "status"], repo).stdout
