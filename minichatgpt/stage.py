@@ -14,12 +14,12 @@ import sys
 import time
 from collections.abc import Callable
 
-from minichatgpt.artifacts import ArtifactError
-from minichatgpt.params import ParamsError
-
 log = logging.getLogger("minichatgpt")
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ParamsError, ArtifactError, FileNotFoundError)
+USER_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, ValueError, FloatingPointError)
+"""Refused input: ParamsError, ArtifactError and ModelError are ValueErrors, and the
+non-finite guards raise FloatingPointError. Matching base classes keeps torch out of
+the start-up of stages that do not need it."""
 
 
 def parser(name: str, doc: str | None) -> argparse.ArgumentParser:
@@ -45,9 +45,6 @@ def run(name: str, main: Callable[[], dict | None]) -> None:
     Outputs are fsynced before this returns, so skipping interpreter shutdown
     (``os._exit``) loses nothing and saves a second per stage process.
     """
-    from minichatgpt.models import ModelError
-    from minichatgpt.ppo import NonFiniteError
-
     logging.basicConfig(level=logging.INFO, format=f"[{name}] %(message)s", stream=sys.stderr)
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     start = time.perf_counter()
@@ -56,7 +53,7 @@ def run(name: str, main: Callable[[], dict | None]) -> None:
         summary = main() or {}
         figures = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items())
         log.info("done in %.1fs %s", time.perf_counter() - start, figures)
-    except (*USER_ERRORS, ModelError, NonFiniteError, FloatingPointError, ValueError) as err:
+    except USER_ERRORS as err:
         if os.environ.get("MINICHATGPT_DEBUG"):
             raise
         print(f"stage {name}: {err}", file=sys.stderr)
