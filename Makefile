@@ -8,7 +8,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 export HF_HUB_OFFLINE ?= 1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: install repro test lint clean
+.PHONY: install repro test lint plots clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,7 @@ $(BIN)/.installed: pyproject.toml
 	@if [ -n "$(TORCH_SPEC)" ] && ! command -v nvidia-smi >/dev/null 2>&1; then \
 		echo "no CUDA here: installing $(TORCH_SPEC) first"; $(BIN)/pip install -q "$(TORCH_SPEC)"; fi
 	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/python -m minichatgpt.report .dvc/plots/offline.html
 	touch $@
 
 install: $(BIN)/.installed
@@ -25,6 +26,10 @@ repro: install
 
 test: install
 	$(BIN)/pytest -q
+
+plots: install
+	$(BIN)/python -m minichatgpt.report .dvc/plots/offline.html
+	$(BIN)/dvc plots show
 
 lint: install
 	$(BIN)/ruff check .

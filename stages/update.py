@@ -13,6 +13,9 @@ def main() -> dict:
     p.add_argument("--metrics", required=True, help="output metrics JSON of this iteration")
     args = p.parse_args()
 
+    import time
+
+    started = time.perf_counter()
     from minichatgpt.artifacts import atomic_path, read_table, write_json
     from minichatgpt.params import load_yaml, section
     from minichatgpt.seeding import stage_seed
@@ -37,7 +40,9 @@ def main() -> dict:
     optimizer = torch.optim.Adam(policy.parameters(), lr=ppo.learning_rate)
     load_optimizer_state(optimizer, Path(args.policy))
     generator = torch.Generator().manual_seed(stage_seed(ppo.seed, "update", args.iter))
+    optimize_start = time.perf_counter()
     stats = ppo_update(policy, optimizer, batch_from_table(table), ppo, generator, tokenizer.pad_token_id)
+    optimize_s = time.perf_counter() - optimize_start
     env = batch_stats(table)
     kl_coef = next_kl_coef(current_kl_coef(state, ppo), env["objective/kl"], table.num_rows, ppo)
     step = int(state.get("step", 0)) + int(stats["ppo/minibatches"])
@@ -46,7 +51,9 @@ def main() -> dict:
     new_state = {"iteration": args.iter, "kl_coef": kl_coef, "step": step, "score_moments": moments.__dict__}
     with atomic_path(args.out) as tmp:
         save_policy(tmp, policy, tokenizer, optimizer, new_state)
-    metrics = {"iter": args.iter} | env | stats | {"objective/kl_coef_next": kl_coef}
+    # Wall-clock seconds: the only keys that differ between identical runs (see README).
+    timing = {"time/ppo/optimize_step": optimize_s, "time/ppo/total": time.perf_counter() - started}
+    metrics = {"iter": args.iter} | env | stats | {"objective/kl_coef_next": kl_coef} | timing
     write_json(metrics, args.metrics)
     return {k: metrics[k] for k in ("iter", "env/reward_mean", "objective/kl", "objective/kl_coef", "policy/clipfrac")}
 

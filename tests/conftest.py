@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from minichatgpt.report import write_offline_html_template
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,6 +66,27 @@ def write_params(path: Path, params: dict) -> None:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+WALL_CLOCK_OUTS = ("metrics/iters/", "metrics/live")
+"""Outputs holding ``time/`` keys (wall-clock seconds): the only bytes identical runs do not share."""
+
+
+def deterministic_out_hashes(lock_text: str) -> dict[str, str]:
+    """``stage:path -> md5`` of every output in a dvc.lock, less the wall-clock ones."""
+    lock = yaml.safe_load(lock_text)
+    return {f"{s}:{o['path']}": o["md5"] for s, b in lock["stages"].items() for o in b.get("outs", [])
+            if not o["path"].startswith(WALL_CLOCK_OUTS)}
+
+
+def timeless_metrics(repo: Path) -> dict[str, object]:
+    """The per-iteration and dvclive metrics with their ``time/`` keys dropped."""
+    out = {}
+    for file in sorted((repo / "metrics/iters").glob("*.json")):
+        out[file.name] = {k: v for k, v in json.loads(file.read_text()).items() if not k.startswith("time/")}
+    live = json.loads((repo / "metrics/live/metrics.json").read_text())
+    out["live"] = {k: v for k, v in live.items() if k != "time"}
+    return out
+
+
 def make_pipeline_repo(dest: Path, params: dict) -> Path:
     """A git + DVC repository holding this project's pipeline and the given params."""
     dest.mkdir(parents=True, exist_ok=True)
@@ -74,6 +98,12 @@ def make_pipeline_repo(dest: Path, params: dict) -> Path:
     sh(["git", "init", "-q", "-b", "main"], dest)
     sh(["dvc", "init", "-q"], dest)
     sh(["dvc", "config", "core.analytics", "false"], dest)
+    # the project's plot templates and offline page, as a clone of this repository has them
+    shutil.copytree(ROOT / ".dvc" / "plots", dest / ".dvc" / "plots", dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("offline.html"))
+    write_offline_html_template(dest / ".dvc" / "plots" / "offline.html")
+    shutil.copy(ROOT / ".dvc" / ".gitignore", dest / ".dvc" / ".gitignore")
+    sh(["dvc", "config", "plots.html_template", "plots/offline.html"], dest)
     sh(["git", "add", "-A"], dest)
     sh(["git", "commit", "-qm", "pipeline"], dest)
     return dest
