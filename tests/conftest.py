@@ -16,30 +16,8 @@ from minichatgpt.report import write_offline_html_template
 
 ROOT = Path(__file__).resolve().parents[1]
 
-TINY_OVERRIDES = {
-    "runtime": {"threads": 1},
-    "data": {"seed": 0, "max_reviews": 1200, "eval_prompts": 32, "input_min_text_length": 2,
-             "input_max_text_length": 8},
-    "pretrain": {"vocab_size": 400, "n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 64,
-                 "block_size": 32, "batch_size": 8, "learning_rate": 0.003, "max_steps": 15, "seed": 0},
-    "reward": {"vocab_size": 400, "n_layer": 1, "n_head": 2, "n_embd": 32, "max_length": 32,
-               "batch_size": 8, "learning_rate": 0.001, "max_steps": 15, "seed": 0},
-    "generation": {"output_min_length": 4, "output_max_length": 8, "forward_batch_size": 8},
-    "ppo": {"learning_rate": 0.0003, "batch_size": 8, "mini_batch_size": 4, "ppo_epochs": 2, "seed": 0},
-    "evaluate": {"seed": 1, "samples": 2},
-    "iters": {"1": {"prev": "0"}, "2": {"prev": "1"}},
-}
-
-
-def _merge(base: dict, override: dict) -> dict:
-    out = dict(base)
-    for key, value in override.items():
-        out[key] = _merge(base.get(key, {}), value) if isinstance(value, dict) and key != "iters" else value
-    return out
-
-
-TINY_PARAMS = _merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY_OVERRIDES)
-"""The repository's params.yaml (every key DVC expects) with tiny sizes for fast tests."""
+TINY_PARAMS = yaml.safe_load((ROOT / "presets" / "tiny.yaml").read_text())
+"""The tiny preset (the CI reproduction runs it too): every key of params.yaml, tiny sizes."""
 
 
 def tool_env() -> dict[str, str]:
