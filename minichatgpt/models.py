@@ -64,6 +64,8 @@ def load_tokenizer(ref: str | Path):
 
 def _cache_kwarg(model: nn.Module) -> str:
     """transformers >= 5.2x calls the KV cache ``cache``; earlier ``past_key_values``."""
+    if hasattr(model, "get_base_model"):  # a peft wrapper forwards **kwargs to the base model
+        model = model.get_base_model()
     params = inspect.signature(model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
@@ -108,11 +110,17 @@ class PolicyWithValueHead(nn.Module):
         return out.logits, values, new_cache
 
 
+ADAPTER_CONFIG = "adapter_config.json"
+"""peft's file: the checkpoint holds LoRA adapters over the base model named in source.json."""
+
+
 def source_of(ckpt: Path) -> str:
-    """Where the LM weights of a checkpoint directory live (itself, or a recorded name)."""
+    """Where the (base) LM weights of a checkpoint directory live: itself, or a recorded
+    name or directory, followed through checkpoints that record one in turn."""
     src = ckpt / SOURCE_FILE
     if src.is_file():
-        return json.loads(src.read_text())["model"]
+        name = json.loads(src.read_text())["model"]
+        return source_of(Path(name)) if (Path(name) / SOURCE_FILE).is_file() else name
     if not (ckpt / "config.json").is_file():
         raise ModelError(f"{ckpt}: not a checkpoint (no config.json or {SOURCE_FILE}); run `dvc repro pretrain`")
     return str(ckpt)
@@ -131,15 +139,23 @@ def load_causal_lm(ref: str | Path) -> nn.Module:
     return model.eval()
 
 
-def load_policy(ckpt: str | Path, seed: int) -> tuple[PolicyWithValueHead, Any, dict]:
+def load_policy(ckpt: str | Path, seed: int, trainable: bool = False) -> tuple[PolicyWithValueHead, Any, dict]:
     """Policy with value head, tokenizer and training state from a checkpoint dir.
 
     A checkpoint without a value head (iteration 0) gets one initialised from ``seed``.
+    LoRA adapters are applied to their base model: kept separate when ``trainable``
+    (the update trains them), merged into the weights otherwise (generation, scoring).
     """
     from safetensors.torch import load_file
 
     ckpt = Path(ckpt)
     lm = load_causal_lm(ckpt)
+    if (ckpt / ADAPTER_CONFIG).is_file():
+        from peft import PeftModel
+
+        lm = PeftModel.from_pretrained(lm, str(ckpt), is_trainable=trainable)
+        if not trainable:
+            lm = lm.merge_and_unload().eval()
     policy = PolicyWithValueHead(lm, seed=seed)
     head = ckpt / "value_head.safetensors"
     if head.is_file():
@@ -152,6 +168,16 @@ def load_policy(ckpt: str | Path, seed: int) -> tuple[PolicyWithValueHead, Any, 
     return policy.eval(), tokenizer, state
 
 
+def add_lora(policy: PolicyWithValueHead, r: int, alpha: float, dropout: float, modules: list[str] | None,
+             seed: int) -> None:
+    """Freeze the policy's LM and give it trainable LoRA adapters (B = 0: the model is unchanged)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)  # peft draws the A matrices from torch's global generator
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=modules, task_type="CAUSAL_LM")
+    policy.pretrained_model = get_peft_model(policy.pretrained_model, config)
+
+
 def save_policy(
     out_dir: Path, policy: PolicyWithValueHead, tokenizer: Any,
     optimizer: torch.optim.Optimizer | None = None, state: dict | None = None,
@@ -160,7 +186,14 @@ def save_policy(
     from safetensors.torch import save_file
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    policy.pretrained_model.save_pretrained(out_dir, safe_serialization=True)
+    lm = policy.pretrained_model
+    if hasattr(lm, "peft_config"):  # adapters only; the base stays where it was loaded from
+        lm.save_pretrained(out_dir, safe_serialization=True)
+        (out_dir / "README.md").unlink(missing_ok=True)  # peft's model card
+        base = lm.get_base_model().name_or_path
+        (out_dir / SOURCE_FILE).write_text(json.dumps({"model": base}, indent=2) + "\n")
+    else:
+        lm.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     save_file({k: v.contiguous() for k, v in policy.v_head.state_dict().items()}, out_dir / "value_head.safetensors")
     if optimizer is not None:

@@ -217,6 +217,29 @@ class EvaluateParams:
 
 
 @dataclass
+class LoraParams:
+    """LoRA adapters (peft) instead of full fine-tuning of the policy; read by `update` only."""
+
+    r: int = 0
+    """adapter rank; 0 = full fine-tuning (every weight trains and every checkpoint holds them all)."""
+    alpha: float = 16.0
+    """LoRA scaling numerator (the update is scaled by alpha / r)."""
+    dropout: float = 0.0
+    target_modules: str = "auto"
+    """comma-separated module names (e.g. c_attn,c_proj), or 'auto' for peft's default for the architecture."""
+
+    def validate(self) -> None:
+        _check(self.r >= 0, "lora.r", self.r, ">= 0 (0 = off)")
+        _check(self.alpha > 0, "lora.alpha", self.alpha, "> 0")
+        _check(0 <= self.dropout < 1, "lora.dropout", self.dropout, "in [0, 1)")
+        _check(bool(self.target_modules.strip()), "lora.target_modules", self.target_modules, "'auto' or names")
+
+    def modules(self) -> list[str] | None:
+        return None if self.target_modules.strip() == "auto" else [
+            m.strip() for m in self.target_modules.split(",") if m.strip()]
+
+
+@dataclass
 class Iteration:
     prev: str
     """the iteration whose checkpoint this one continues from ('0' = the pretrained policy)."""
@@ -230,6 +253,7 @@ SECTIONS: dict[str, type] = {
     "generation": GenerationParams,
     "ppo": PPOParams,
     "evaluate": EvaluateParams,
+    "lora": LoraParams,
 }
 
 
