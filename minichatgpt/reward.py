@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from minichatgpt.models import ModelError
+from minichatgpt.models import ModelError, resolve_ref
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,7 @@ class RewardModel:
             return
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        ref = resolve_ref(ref)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(ref), trust_remote_code=False)
             self.model = AutoModelForSequenceClassification.from_pretrained(

