@@ -9,6 +9,8 @@ positions and padding never leaks into the numbers.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +50,27 @@ def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
     return logits
 
 
+@functools.lru_cache(maxsize=None)
+def _accepts_logits_to_keep(cls: type) -> bool:
+    """transformers >= 4.50 causal LMs project only the positions asked for (``logits_to_keep``)."""
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters
+
+
+def _lm_of(model: torch.nn.Module) -> torch.nn.Module:
+    return model.pretrained_model if isinstance(model, PolicyWithValueHead) else model
+
+
+def sample_tokens(logp: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One token per row from ``exp(logp)`` by inverting the CDF with one uniform per row.
+
+    Several times cheaper than ``torch.multinomial`` over a large vocabulary on CPU; a
+    token of probability 0 is never drawn (``u`` is scaled by the CDF's last entry).
+    """
+    cdf = logp.exp().cumsum(-1)
+    u = torch.rand((logp.shape[0], 1), generator=generator, dtype=cdf.dtype) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=logp.shape[-1] - 1)[:, 0]
+
+
 @torch.no_grad()
 def generate(
     policy: PolicyWithValueHead,
@@ -69,21 +92,26 @@ def generate(
     ids, mask = left_pad(queries, pad_id)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     steps = max(lengths)
-    logits, values, cache = policy(ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    keep = 1 if _accepts_logits_to_keep(type(policy.pretrained_model)) else 0
+    logits, values, cache = policy(ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                                   logits_to_keep=keep)
     tokens, logps, vals = [], [], []
     for step in range(steps):
         last = logits[:, -1, :].float()
-        filtered = _filter_logits(last, top_k, top_p) if (top_k or top_p < 1.0) else last
-        probs = torch.softmax(filtered, dim=-1)
-        token = torch.multinomial(probs, 1, generator=generator)
-        tokens.append(token[:, 0])
-        logps.append(logprobs_from_logits(last, token[:, 0]))
+        logp = torch.log_softmax(last, dim=-1)
+        if top_k or top_p < 1.0:
+            token = sample_tokens(torch.log_softmax(_filter_logits(last, top_k, top_p), dim=-1), generator)
+        else:
+            token = sample_tokens(logp, generator)
+        tokens.append(token)
+        logps.append(logp.gather(-1, token[:, None])[:, 0])
         vals.append(values[:, -1])
         if step + 1 == steps:
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         positions = positions[:, -1:] + 1
-        logits, values, cache = policy(token, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+        logits, values, cache = policy(token[:, None], attention_mask=mask, position_ids=positions, cache=cache,
+                                       use_cache=True)
     tok = torch.stack(tokens, 1).tolist()
     lp = torch.stack(logps, 1).tolist()
     vl = torch.stack(vals, 1).tolist()
@@ -122,12 +150,18 @@ def forward_responses(
 ) -> dict[str, torch.Tensor]:
     """Per response token: logprobs, values (policy only), entropy and logits if asked; ``(B, R)``."""
     ids, mask, index = batch["input_ids"], batch["attention_mask"], batch["index"]
+    # project onto the vocabulary only at the response positions when the LM can
+    keep = index if _accepts_logits_to_keep(type(_lm_of(model))) else 0
     if isinstance(model, PolicyWithValueHead):
-        logits, values, _ = model(ids, attention_mask=mask)
+        logits, values, _ = model(ids, attention_mask=mask, logits_to_keep=keep)
     else:
-        logits, values = model(input_ids=ids, attention_mask=mask).logits, None
+        extra = {"logits_to_keep": keep} if isinstance(keep, torch.Tensor) else {}
+        logits, values = model(input_ids=ids, attention_mask=mask, **extra).logits, None
     targets = torch.gather(ids, 1, index + 1)
-    resp_logits = torch.gather(logits, 1, index[:, :, None].expand(-1, -1, logits.shape[-1]))
+    if isinstance(keep, torch.Tensor):
+        resp_logits = logits
+    else:
+        resp_logits = torch.gather(logits, 1, index[:, :, None].expand(-1, -1, logits.shape[-1]))
     out = {"logprobs": logprobs_from_logits(resp_logits, targets), "mask": batch["response_mask"]}
     if with_values and values is not None:
         out["values"] = torch.gather(values, 1, index)
