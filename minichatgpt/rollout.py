@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import torch
 
-from minichatgpt.core import entropy_from_logits, logprobs_from_logits
 from minichatgpt.models import PolicyWithValueHead
 
 
@@ -50,7 +49,7 @@ def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
     return logits
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _accepts_logits_to_keep(cls: type) -> bool:
     """transformers >= 4.50 causal LMs project only the positions asked for (``logits_to_keep``)."""
     return "logits_to_keep" in inspect.signature(cls.forward).parameters
@@ -146,27 +145,48 @@ def pack(queries: list[list[int]], responses: list[list[int]], pad_id: int) -> d
 
 
 def forward_responses(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], with_values: bool = True, with_logits: bool = False
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], with_values: bool = True, with_logits: bool = False,
+    with_entropy: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Per response token: logprobs, values (policy only), entropy and logits if asked; ``(B, R)``."""
+    """Per response token: logprobs, values (policy only), entropy and logits if asked; ``(B, R)``.
+
+    The vocabulary projection, log-softmax and entropy run only on real response tokens
+    (no query positions, no padding), which is most of the work of a small policy.
+    ``with_logits`` adds the response logits ``(B, R, V)`` and the entropy.
+    """
     ids, mask, index = batch["input_ids"], batch["attention_mask"], batch["index"]
-    # project onto the vocabulary only at the response positions when the LM can
-    keep = index if _accepts_logits_to_keep(type(_lm_of(model))) else 0
-    if isinstance(model, PolicyWithValueHead):
-        logits, values, _ = model(ids, attention_mask=mask, logits_to_keep=keep)
+    real = batch["response_mask"].bool()
+    if _accepts_logits_to_keep(type(_lm_of(model))):
+        rows = torch.arange(ids.shape[0])[:, None].expand_as(index)
+        keep = torch.zeros_like(ids, dtype=torch.bool)
+        keep[rows[real], index[real]] = True  # row-major order of `keep` == row-major order of `real`
+        if isinstance(model, PolicyWithValueHead):
+            flat, values, _ = model(ids, attention_mask=mask, logits_to_keep=keep)
+        else:
+            flat, values = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits, None
     else:
-        extra = {"logits_to_keep": keep} if isinstance(keep, torch.Tensor) else {}
-        logits, values = model(input_ids=ids, attention_mask=mask, **extra).logits, None
-    targets = torch.gather(ids, 1, index + 1)
-    if isinstance(keep, torch.Tensor):
-        resp_logits = logits
-    else:
-        resp_logits = torch.gather(logits, 1, index[:, :, None].expand(-1, -1, logits.shape[-1]))
-    out = {"logprobs": logprobs_from_logits(resp_logits, targets), "mask": batch["response_mask"]}
+        if isinstance(model, PolicyWithValueHead):
+            logits, values, _ = model(ids, attention_mask=mask)
+        else:
+            logits, values = model(input_ids=ids, attention_mask=mask).logits, None
+        flat = torch.gather(logits, 1, index[:, :, None].expand(-1, -1, logits.shape[-1]))[real]
+    targets = torch.gather(ids, 1, index + 1)[real]
+    logp = torch.log_softmax(flat.float(), dim=-1)
+    out = {"logprobs": _unflatten(logp.gather(-1, targets[:, None])[:, 0], real), "mask": batch["response_mask"]}
     if with_values and values is not None:
         out["values"] = torch.gather(values, 1, index)
-    if with_logits:
-        out["logits"] = resp_logits
+    if with_logits or with_entropy:
         with torch.no_grad():  # a statistic only: no graph through a second softmax
-            out["entropy"] = entropy_from_logits(resp_logits)
+            out["entropy"] = _unflatten(-(logp.exp() * logp).sum(-1), real)
+    if with_logits:
+        padded = flat.new_zeros((*real.shape, flat.shape[-1]))
+        padded[real] = flat
+        out["logits"] = padded
+    return out
+
+
+def _unflatten(flat: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """``(N,)`` values of the real tokens back to ``(B, R)`` with zeros at padding (keeps the graph)."""
+    out = flat.new_zeros(real.shape)
+    out[real] = flat
     return out

@@ -165,7 +165,7 @@ class PPOTrainer:
         batch = pack(query.tolist(), response.tolist(), self.pad_id)
         if not torch.equal(batch["input_ids"], model_input):
             raise ValueError("model_input must be query and response concatenated")
-        out = forward_responses(self.model, batch, with_logits=True)
+        out = forward_responses(self.model, batch, with_entropy=True)
         return ppo_loss(old_logprobs, values, None, out["values"], out["logprobs"], batch["response_mask"],
                         advantages, returns.detach(), self.params, entropy=out["entropy"])
 
