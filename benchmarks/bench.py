@@ -59,7 +59,8 @@ def matmul_gflops(threads: int, d: int, vocab: int, rows: int = 2048) -> float:
 
 def flops_per_iteration(raw: dict, batch_size: int, query_len: float, response_len: float) -> dict:
     """Matmul FLOPs one iteration cannot avoid: generation (each token once, KV cache), one
-    reference forward, the reward model forward, and ppo_epochs x (forward + backward = 3 forwards)."""
+    reference forward, the reward model forward, and ppo_epochs x (forward + backward = 3 forwards).
+    The vocabulary projection is only needed at the response positions."""
     from transformers import AutoConfig
 
     from minichatgpt.params import section
@@ -68,18 +69,16 @@ def flops_per_iteration(raw: dict, batch_size: int, query_len: float, response_l
     rew = AutoConfig.from_pretrained(ROOT / "models/reward")
     d, layers, vocab = pol.n_embd, pol.n_layer, pol.vocab_size
     tokens = query_len + response_len
-    # per token: qkv + proj + mlp = 12 d^2 per layer, LM head d*V, attention scores+values 2*T*d per layer
-    policy_fwd = 2 * (layers * 12 * d * d + d * vocab) + 2 * 2 * layers * tokens * d
+    # per token: qkv + proj + mlp = 12 d^2 per layer, attention scores and values 2*T*d per layer
+    body = 2 * layers * 12 * d * d + 2 * 2 * layers * tokens * d
+    head = 2 * d * vocab
+    policy_fwd = body * tokens + head * response_len
     dr, lr, inter = rew.hidden_size, rew.num_hidden_layers, rew.intermediate_size
     reward_tokens = tokens + 2  # [CLS] ... [SEP]-ish overhead
-    reward_fwd = 2 * lr * (4 * dr * dr + 2 * dr * inter) + 2 * 2 * lr * reward_tokens * dr
+    reward_fwd = (2 * lr * (4 * dr * dr + 2 * dr * inter) + 2 * 2 * lr * reward_tokens * dr) * reward_tokens
     epochs = section(raw, "ppo").ppo_epochs
-    per_sample = {
-        "generate": policy_fwd * tokens,
-        "reference_forward": policy_fwd * tokens,
-        "reward_forward": reward_fwd * reward_tokens,
-        "train": 3 * epochs * policy_fwd * tokens,
-    }
+    per_sample = {"generate": policy_fwd, "reference_forward": policy_fwd, "reward_forward": reward_fwd,
+                  "train": 3 * epochs * policy_fwd}
     return {k: v * batch_size for k, v in per_sample.items()}
 
 
@@ -94,7 +93,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=3, help="measured iterations per batch size and contender")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads for every contender (1: robust to other load on a shared machine)")
-    ap.add_argument("--skip", default="", help="comma list of contenders to skip: trl,ours,dvc")
+    ap.add_argument("--skip", default="", help="comma list of contenders to skip: trl,ours,dvc,dvc_cold")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results.json"))
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -138,13 +137,20 @@ def main() -> None:
 
             repo = scratch_repo(f"dvc-{bs}", edit)
         contenders = [c for c in ("trl", "ours", "dvc") if c not in skip]
+        if "dvc" not in skip and "dvc_cold" not in skip and bs == sizes[-1]:
+            # the same without the warm worker: every stage a cold process (MINICHATGPT_WORKER=0)
+            repo_cold = scratch_repo(f"dvc-cold-{bs}", edit)
+            contenders.append("dvc_cold")
+            det["dvc_cold"] = []
         for i in range(total):
             # lockstep, rotating the order: load from other processes hits every contender alike
             for c in contenders[i % len(contenders):] + contenders[: i % len(contenders)]:
-                if c == "dvc":
-                    before = dir_bytes(repo / ".dvc/cache")
-                    r = timed_dvc_repro(repo, f"update@{i + 1}", threads)
-                    r["cache_bytes_added"] = dir_bytes(repo / ".dvc/cache") - before
+                if c in ("dvc", "dvc_cold"):
+                    where = repo if c == "dvc" else repo_cold
+                    env = {"MINICHATGPT_WORKER_IDLE": "60"} if c == "dvc" else {"MINICHATGPT_WORKER": "0"}
+                    before = dir_bytes(where / ".dvc/cache")
+                    r = timed_dvc_repro(where, f"update@{i + 1}", threads, env)
+                    r["cache_bytes_added"] = dir_bytes(where / ".dvc/cache") - before
                 else:
                     r = workers[c].request(cmd="step", index=i, profile=(c == "ours" and i == total - 1))
                 det[c].append(r)
@@ -166,7 +172,14 @@ def main() -> None:
             row["dvc_stage_peak_rss_mb"] = {k: max(x["stage_peak_rss_mb"].get(k, 0.0) for x in m)
                                             for k in ("rollout", "score", "advantages", "update")}
             row["dvc_cache_bytes_per_iter"] = int(median([x["cache_bytes_added"] for x in m]))
-        for c in ("ours", "dvc"):
+        if "dvc_cold" in measured:
+            m = measured["dvc_cold"]
+            row["dvc_cold_s_per_iter"] = median([x["s"] for x in m])
+            row["dvc_cold_stage_s"] = {k: median([x["stages_s"].get(k, 0.0) for x in m])
+                                       for k in ("rollout", "score", "advantages", "update")}
+            row["dvc_cold_stage_peak_rss_mb"] = {k: max(x["stage_peak_rss_mb"].get(k, 0.0) for x in m)
+                                                 for k in ("rollout", "score", "advantages", "update")}
+        for c in ("ours", "dvc", "dvc_cold"):
             if "trl" in measured and c in measured:
                 # per-iteration ratios (contenders ran back to back) are steadier than ratios of medians
                 row[f"{'inprocess' if c == 'ours' else c}_vs_trl_paired"] = median(
@@ -179,8 +192,9 @@ def main() -> None:
         flops = flops_per_iteration(raw, bs, q_len, r_len)
         row["flop_bound_s_per_iter"] = sum(flops.values()) / (gflops * 1e9)
         row["gflop_per_iter"] = sum(flops.values()) / 1e9
+        row["gflop_by_phase"] = {k: v / 1e9 for k, v in flops.items()}
         if "trl_s_per_iter" in row:
-            for key in ("inprocess_s_per_iter", "dvc_s_per_iter"):
+            for key in ("inprocess_s_per_iter", "dvc_s_per_iter", "dvc_cold_s_per_iter"):
                 if key in row:
                     row[key.replace("_s_per_iter", "_vs_trl")] = row[key] / row["trl_s_per_iter"]
         rows.append(row)
@@ -191,7 +205,8 @@ def main() -> None:
     largest = rows[-1]
     results = {
         **{k: largest.get(k) for k in ("batch_size", "trl_s_per_iter", "inprocess_s_per_iter", "dvc_s_per_iter",
-                                       "flop_bound_s_per_iter", "inprocess_vs_trl", "dvc_vs_trl")},
+                                       "dvc_cold_s_per_iter", "flop_bound_s_per_iter", "inprocess_vs_trl",
+                                       "dvc_vs_trl", "dvc_cold_vs_trl")},
         "table": rows,
         "matmul_gflops": gflops,
         "settings": {"warmup": args.warmup, "measured_iters": args.iters, "threads": threads,

@@ -182,16 +182,18 @@ def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
 
 
-def timed_dvc_repro(repo: Path, target: str, threads: int, poll_s: float = 0.02) -> dict:
+def timed_dvc_repro(repo: Path, target: str, threads: int, extra_env: dict | None = None, poll_s: float = 0.02) -> dict:
     """Wall time of ``dvc repro target`` (process start included), per-stage wall time from
-    DVC's 'Running stage' lines, and peak RSS of each stage process (sampled every 20 ms)."""
+    DVC's 'Running stage' lines, and peak RSS of each stage process (as reported by the warm
+    worker for the forked process that ran the stage, else sampled every 20 ms)."""
     import threading
 
     import psutil
 
     dvc = str(Path(sys.executable).parent / "dvc")
     env = os.environ | {"HF_HUB_OFFLINE": "1", "PATH": str(Path(sys.executable).parent) + os.pathsep
-                        + os.environ.get("PATH", ""), "OMP_NUM_THREADS": str(threads)}
+                        + os.environ.get("PATH", ""), "OMP_NUM_THREADS": str(threads),
+                        "MINICHATGPT_WORKER_REPORT": "1", **(extra_env or {})}
     marks: list[tuple[float, str]] = []
     rss: dict[str, int] = {}
     done = threading.Event()
@@ -223,6 +225,9 @@ def timed_dvc_repro(repo: Path, target: str, threads: int, poll_s: float = 0.02)
         output.append(line)
         if line.startswith("Running stage '"):
             marks.append((time.perf_counter(), line.split("'")[1]))
+        elif line.startswith("[worker] ") and "peak_rss_mb=" in line:  # stage run by the warm worker
+            stage = line.split()[1].removesuffix(".py")
+            rss[stage] = max(rss.get(stage, 0), int(float(line.rsplit("=", 1)[1]) * 2**20))
     code = proc.wait()
     end = time.perf_counter()
     done.set()

@@ -42,6 +42,7 @@ PRELOAD = (
     "numpy", "pyarrow", "pyarrow.parquet", "yaml", "torch", "safetensors.torch", "tqdm.auto", "tokenizers",
     "transformers", "transformers.models.auto.modeling_auto", "transformers.models.gpt2.modeling_gpt2",
     "transformers.models.bert.modeling_bert", "transformers.tokenization_utils_fast",
+    "transformers.models.auto.tokenization_auto", "transformers.models.encoder_decoder.configuration_encoder_decoder",
     "minichatgpt.artifacts", "minichatgpt.params", "minichatgpt.seeding", "minichatgpt.core",
     "minichatgpt.models", "minichatgpt.rollout", "minichatgpt.iteration", "minichatgpt.ppo",
     "minichatgpt.reward", "minichatgpt.evaluation", "minichatgpt.data",
@@ -89,6 +90,9 @@ def delegate() -> int | None:
     if answer.get("stale"):
         spawn(path)
         return None
+    if os.environ.get("MINICHATGPT_WORKER_REPORT"):  # for benchmarks/: the stage's peak RSS
+        print(f"[worker] {os.path.basename(sys.argv[0])} peak_rss_mb={answer.get('maxrss_kb', 0) / 1024:.1f}",
+              file=sys.stderr, flush=True)
     return int(answer["code"])
 
 
@@ -201,6 +205,31 @@ def _die_with_parent() -> None:
         pass
 
 
+def _warm_up() -> None:
+    """Pay transformers' first-load costs (regex compilation, lazy imports) once, on a tiny
+    throw-away GPT-2 and BERT. One torch thread: no OpenMP pool exists when children fork."""
+    import torch
+
+    torch.set_num_threads(1)
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        BertConfig,
+        BertForSequenceClassification,
+        GPT2Config,
+        GPT2LMHeadModel,
+    )
+
+    with tempfile.TemporaryDirectory() as tmp:
+        GPT2LMHeadModel(GPT2Config(vocab_size=8, n_positions=8, n_embd=8, n_layer=1, n_head=1)) \
+            .save_pretrained(f"{tmp}/gpt2")
+        BertForSequenceClassification(BertConfig(
+            vocab_size=8, hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8,
+            max_position_embeddings=8)).save_pretrained(f"{tmp}/bert")
+        AutoModelForCausalLM.from_pretrained(f"{tmp}/gpt2")
+        AutoModelForSequenceClassification.from_pretrained(f"{tmp}/bert")
+
+
 def serve(path: Path, idle_s: float) -> None:
     import importlib
     import selectors
@@ -208,6 +237,10 @@ def serve(path: Path, idle_s: float) -> None:
 
     for name in PRELOAD:
         importlib.import_module(name)
+    try:
+        _warm_up()
+    except Exception:  # noqa: BLE001 - only a speed-up; children load models themselves anyway
+        pass
     snapshot = _sources()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
@@ -254,7 +287,7 @@ def serve(path: Path, idle_s: float) -> None:
                         pass
                     sel.unregister(key.fileobj)
         while children:
-            pid, status = os.waitpid(-1, os.WNOHANG)
+            pid, status, usage = os.wait4(-1, os.WNOHANG)
             if pid == 0:
                 break
             conn = children.pop(pid)
@@ -262,7 +295,7 @@ def serve(path: Path, idle_s: float) -> None:
             if code < 0:  # killed by a signal: exit as a shell reports it
                 code = 128 - code
             try:
-                conn.sendall(json.dumps({"code": code}).encode() + b"\n")
+                conn.sendall(json.dumps({"code": code, "maxrss_kb": usage.ru_maxrss}).encode() + b"\n")
             except OSError:
                 pass
             try:
