@@ -94,7 +94,13 @@ def generate(
     keep = 1 if _accepts_logits_to_keep(type(policy.pretrained_model)) else 0
     logits, values, cache = policy(ids, attention_mask=mask, position_ids=positions, use_cache=True,
                                    logits_to_keep=keep)
-    tokens, logps, vals = [], [], []
+    n = len(queries)
+    tok = torch.full((n, steps), pad_id, dtype=torch.long)
+    lp = torch.zeros((n, steps))
+    vl = torch.zeros((n, steps))
+    active = torch.arange(n)  # rows still generating; finished rows leave the batch (and the KV cache)
+    todo = torch.tensor(lengths)
+    can_shrink = hasattr(cache, "batch_select_indices")
     for step in range(steps):
         last = logits[:, -1, :].float()
         logp = torch.log_softmax(last, dim=-1)
@@ -102,18 +108,21 @@ def generate(
             token = sample_tokens(torch.log_softmax(_filter_logits(last, top_k, top_p), dim=-1), generator)
         else:
             token = sample_tokens(logp, generator)
-        tokens.append(token)
-        logps.append(logp.gather(-1, token[:, None])[:, 0])
-        vals.append(values[:, -1])
-        if step + 1 == steps:
+        tok[active, step] = token
+        lp[active, step] = logp.gather(-1, token[:, None])[:, 0]
+        vl[active, step] = values[:, -1]
+        going = (todo[active] > step + 1) & (token != eos_id)
+        if not bool(going.any()):
             break
+        if can_shrink and not bool(going.all()):
+            idx = going.nonzero()[:, 0]
+            cache.batch_select_indices(idx)
+            active, token, mask, positions = active[idx], token[idx], mask[idx], positions[idx]
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         positions = positions[:, -1:] + 1
         logits, values, cache = policy(token[:, None], attention_mask=mask, position_ids=positions, cache=cache,
                                        use_cache=True)
-    tok = torch.stack(tokens, 1).tolist()
-    lp = torch.stack(logps, 1).tolist()
-    vl = torch.stack(vals, 1).tolist()
+    tok, lp, vl = tok.tolist(), lp.tolist(), vl.tolist()
     out = Generated([], [], [])
     for i, n in enumerate(lengths):
         row = tok[i][:n]
