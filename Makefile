@@ -8,7 +8,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 export HF_HUB_OFFLINE ?= 1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: install repro test lint clean
+.PHONY: install repro test lint clean bench bench-learning
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,12 @@ repro: install
 
 test: install
 	$(BIN)/pytest -q
+
+bench: install
+	$(BIN)/python benchmarks/bench.py
+
+bench-learning: install
+	$(BIN)/python benchmarks/learning.py
 
 lint: install
 	$(BIN)/ruff check .

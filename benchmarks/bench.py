@@ -172,6 +172,11 @@ def main() -> None:
             row["dvc_stage_peak_rss_mb"] = {k: max(x["stage_peak_rss_mb"].get(k, 0.0) for x in m)
                                             for k in ("rollout", "score", "advantages", "update")}
             row["dvc_cache_bytes_per_iter"] = int(median([x["cache_bytes_added"] for x in m]))
+            # what the stage code itself took (run() to outputs fsynced) vs everything else:
+            # process start, DVC's own start, status checks, hashing, caching and dvc.lock writes
+            row["dvc_stage_inside_s"] = {k: median([x["stage_inside_s"].get(k, 0.0) for x in m])
+                                         for k in ("rollout", "score", "advantages", "update")}
+            row["dvc_overhead_s"] = row["dvc_s_per_iter"] - sum(row["dvc_stage_inside_s"].values())
         if "dvc_cold" in measured:
             m = measured["dvc_cold"]
             row["dvc_cold_s_per_iter"] = median([x["s"] for x in m])

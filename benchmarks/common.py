@@ -196,6 +196,7 @@ def timed_dvc_repro(repo: Path, target: str, threads: int, extra_env: dict | Non
                         "MINICHATGPT_WORKER_REPORT": "1", **(extra_env or {})}
     marks: list[tuple[float, str]] = []
     rss: dict[str, int] = {}
+    inside: dict[str, float] = {}
     done = threading.Event()
     start = time.perf_counter()
     proc = subprocess.Popen([dvc, "repro", target], cwd=repo, env=env, stdout=subprocess.PIPE,
@@ -225,6 +226,9 @@ def timed_dvc_repro(repo: Path, target: str, threads: int, extra_env: dict | Non
         output.append(line)
         if line.startswith("Running stage '"):
             marks.append((time.perf_counter(), line.split("'")[1]))
+        elif line.startswith("[") and "] done in " in line:  # the stage's own time, from run() to outputs fsynced
+            stage = line[1:].split("]", 1)[0]
+            inside[stage] = float(line.split("] done in ", 1)[1].split("s", 1)[0])
         elif line.startswith("[worker] ") and "peak_rss_mb=" in line:  # stage run by the warm worker
             stage = line.split()[1].removesuffix(".py")
             rss[stage] = max(rss.get(stage, 0), int(float(line.rsplit("=", 1)[1]) * 2**20))
@@ -237,4 +241,5 @@ def timed_dvc_repro(repo: Path, target: str, threads: int, extra_env: dict | Non
     stages = {}
     for (t, name), nxt in zip(marks, [m[0] for m in marks[1:]] + [end]):
         stages[name.split("@")[0]] = nxt - t
-    return {"s": end - start, "stages_s": stages, "stage_peak_rss_mb": {k: v / 2**20 for k, v in rss.items()}}
+    return {"s": end - start, "stages_s": stages, "stage_inside_s": inside,
+            "stage_peak_rss_mb": {k: v / 2**20 for k, v in rss.items()}}
