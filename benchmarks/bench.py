@@ -30,6 +30,7 @@ from common import (  # noqa: E402
     ensure_default_models,
     iteration_inputs,
     log,
+    same_model_check,
     scratch_repo,
     timed_dvc_repro,
     trl_python,
@@ -155,6 +156,10 @@ def main() -> None:
                     r = workers[c].request(cmd="step", index=i, profile=(c == "ours" and i == total - 1))
                 det[c].append(r)
             log(f"batch {bs} iteration {i + 1}: " + " ".join(f"{c} {det[c][-1]['s']:.2f}s" for c in contenders))
+        if "trl" in workers and "ours" in workers:
+            row["same_model_max_abs_diff"] = same_model_check(workers["trl"].ready["probe"],
+                                                              workers["ours"].ready["probe"])
+            log(f"batch {bs}: same weights on both sides, max |difference|: {row['same_model_max_abs_diff']}")
         for c, w in workers.items():
             det[c + "_worker"] = w.close()
         measured = {c: det[c][args.warmup:] for c in contenders}

@@ -100,6 +100,12 @@ def iteration_inputs(raw: dict, batch_size: int, iteration: int, split: str = "t
     return {"queries": queries, "lengths": lengths, "chunk_lengths": chunk}
 
 
+def same_model_check(a: dict, b: dict) -> dict:
+    """Largest absolute difference between the two sides' probe figures (0 up to float rounding)."""
+    return {k: max(abs(x - y) for x, y in zip(*(v if isinstance(v, list) else [v] for v in (a[k], b[k]))))
+            for k in a}
+
+
 def workload(raw: dict, runs: list[dict], threads: int, mode: str = "speed") -> dict:
     from minichatgpt.params import section
 
@@ -107,6 +113,7 @@ def workload(raw: dict, runs: list[dict], threads: int, mode: str = "speed") -> 
     return {
         "mode": mode, "policy": str(ROOT / "checkpoints/0"), "reward": str(ROOT / "models/reward"),
         "value_head": str(write_initial_value_head(ppo["seed"])), "ppo": ppo,
+        "probe_ids": runs[0]["iterations"][0]["queries"][0] + [5, 6, 7, 8],
         "threads": threads, "forward_batch_size": section(raw, "generation").forward_batch_size,
         "runs": runs,
     }

@@ -81,6 +81,20 @@ class Runner:
         }
 
 
+def probe(runner: Runner, ids: list[int]) -> dict:
+    """Policy log-softmax and value at each position, reference logits, reward: to check both sides agree."""
+    import torch
+
+    with torch.no_grad():
+        x = torch.tensor([ids])
+        logits, values, _ = runner.trainer.model(x)
+        ref_logits = runner.trainer.ref_model(input_ids=x).logits
+        text = runner.tokenizer.decode(ids)
+        return {"logp": torch.log_softmax(logits[0], -1).max(-1).values.tolist(), "values": values[0].tolist(),
+                "ref_logp": torch.log_softmax(ref_logits[0], -1).max(-1).values.tolist(),
+                "reward": float(runner.reward.score([text])[0])}
+
+
 def emit(obj: dict) -> None:
     sys.stdout.write("RESULT " + json.dumps(obj) + "\n")
     sys.stdout.flush()
@@ -93,7 +107,7 @@ def main() -> None:
     args = ap.parse_args()
     work = json.loads(Path(args.workload).read_text())
     runner = Runner(work, work["runs"][0])
-    emit({"ready": True, "import_s": runner.import_s})
+    emit({"ready": True, "import_s": runner.import_s, "probe": probe(runner, work["probe_ids"])})
     for line in sys.stdin:
         cmd = json.loads(line)
         if cmd["cmd"] == "step":

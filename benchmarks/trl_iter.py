@@ -135,10 +135,22 @@ class Runner:
         }
 
 
+@torch.no_grad()
+def probe(runner: Runner, ids: list[int]) -> dict:
+    """Policy log-softmax and value at each position, reference logits, reward: to check both sides agree."""
+    x = torch.tensor([ids])
+    logits, _, values = runner.trainer.model(x)
+    ref_logits = runner.trainer.ref_model(x)[0]
+    text = runner.tokenizer.decode(ids)
+    return {"logp": torch.log_softmax(logits[0], -1).max(-1).values.tolist(), "values": values[0].tolist(),
+            "ref_logp": torch.log_softmax(ref_logits[0], -1).max(-1).values.tolist(),
+            "reward": runner.reward([text])[0]}
+
+
 def serve(work: dict) -> None:
     """Lockstep protocol with benchmarks/bench.py: one JSON line per command on stdout."""
     runner = Runner(work, work["runs"][0])
-    emit({"ready": True, "import_s": runner.import_s})
+    emit({"ready": True, "import_s": runner.import_s, "probe": probe(runner, work["probe_ids"])})
     for line in sys.stdin:
         cmd = json.loads(line)
         if cmd["cmd"] == "step":
