@@ -211,6 +211,7 @@ def _warm_up() -> None:
     import torch
 
     torch.set_num_threads(1)
+    rng = torch.random.get_rng_state()  # restored below: children see a fresh process's global RNG
     from transformers import (
         AutoModelForCausalLM,
         AutoModelForSequenceClassification,
@@ -228,6 +229,7 @@ def _warm_up() -> None:
             max_position_embeddings=8)).save_pretrained(f"{tmp}/bert")
         AutoModelForCausalLM.from_pretrained(f"{tmp}/gpt2")
         AutoModelForSequenceClassification.from_pretrained(f"{tmp}/bert")
+    torch.random.set_rng_state(rng)
 
 
 def serve(path: Path, idle_s: float) -> None:
