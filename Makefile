@@ -8,7 +8,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 export HF_HUB_OFFLINE ?= 1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: install install-pretrained repro test lint plots clean
+.PHONY: install install-pretrained repro test lint plots clean bench bench-learning
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,12 @@ test: install
 plots: install
 	$(BIN)/python -m minichatgpt.report .dvc/plots/offline.html
 	$(BIN)/dvc plots show
+
+bench: install
+	$(BIN)/python benchmarks/bench.py
+
+bench-learning: install
+	$(BIN)/python benchmarks/learning.py
 
 lint: install
 	$(BIN)/ruff check .

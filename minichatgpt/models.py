@@ -128,9 +128,16 @@ class PolicyWithValueHead(nn.Module):
         position_ids: torch.Tensor | None = None,
         cache: Any = None,
         use_cache: bool = False,
+        logits_to_keep: Any = 0,
     ) -> tuple[torch.Tensor, torch.Tensor, Any]:
-        """Return ``(logits, values, cache)``; values are ``(B, T)``."""
+        """Return ``(logits, values, cache)``; values are ``(B, T)``.
+
+        ``logits_to_keep`` (passed to the LM when non-zero) limits the vocabulary
+        projection to the positions that are needed, as in transformers' ``generate``.
+        """
         kwargs = {self._cache_kwarg: cache} if cache is not None else {}
+        if not isinstance(logits_to_keep, int) or logits_to_keep:
+            kwargs["logits_to_keep"] = logits_to_keep
         out = self.pretrained_model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             use_cache=use_cache, output_hidden_states=True, **kwargs,

@@ -101,7 +101,7 @@ def train_minibatch(
     total_tokens = mb.mask.sum()
     collected = []
     for part in _micro_batches(mb, params.gradient_accumulation_steps):
-        out = forward_responses(policy, pack(part.queries, part.responses, pad_id), with_logits=True)
+        out = forward_responses(policy, pack(part.queries, part.responses, pad_id), with_entropy=True)
         loss_p, loss_v, stats = ppo_loss(
             part.logprobs, part.values, None, out["values"], out["logprobs"], part.mask,
             part.advantages, part.returns, params, entropy=out["entropy"],

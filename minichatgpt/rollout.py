@@ -9,11 +9,12 @@ positions and padding never leaks into the numbers.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
 
-from minichatgpt.core import entropy_from_logits, logprobs_from_logits
 from minichatgpt.models import PolicyWithValueHead
 
 
@@ -48,6 +49,27 @@ def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
     return logits
 
 
+@functools.cache
+def _accepts_logits_to_keep(cls: type) -> bool:
+    """transformers >= 4.50 causal LMs project only the positions asked for (``logits_to_keep``)."""
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters
+
+
+def _lm_of(model: torch.nn.Module) -> torch.nn.Module:
+    return model.pretrained_model if isinstance(model, PolicyWithValueHead) else model
+
+
+def sample_tokens(logp: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One token per row from ``exp(logp)`` by inverting the CDF with one uniform per row.
+
+    Several times cheaper than ``torch.multinomial`` over a large vocabulary on CPU; a
+    token of probability 0 is never drawn (``u`` is scaled by the CDF's last entry).
+    """
+    cdf = logp.exp().cumsum(-1)
+    u = torch.rand((logp.shape[0], 1), generator=generator, dtype=cdf.dtype) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=logp.shape[-1] - 1)[:, 0]
+
+
 @torch.no_grad()
 def generate(
     policy: PolicyWithValueHead,
@@ -69,24 +91,38 @@ def generate(
     ids, mask = left_pad(queries, pad_id)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     steps = max(lengths)
-    logits, values, cache = policy(ids, attention_mask=mask, position_ids=positions, use_cache=True)
-    tokens, logps, vals = [], [], []
+    keep = 1 if _accepts_logits_to_keep(type(policy.pretrained_model)) else 0
+    logits, values, cache = policy(ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                                   logits_to_keep=keep)
+    n = len(queries)
+    tok = torch.full((n, steps), pad_id, dtype=torch.long)
+    lp = torch.zeros((n, steps))
+    vl = torch.zeros((n, steps))
+    active = torch.arange(n)  # rows still generating; finished rows leave the batch (and the KV cache)
+    todo = torch.tensor(lengths)
+    can_shrink = hasattr(cache, "batch_select_indices")
     for step in range(steps):
         last = logits[:, -1, :].float()
-        filtered = _filter_logits(last, top_k, top_p) if (top_k or top_p < 1.0) else last
-        probs = torch.softmax(filtered, dim=-1)
-        token = torch.multinomial(probs, 1, generator=generator)
-        tokens.append(token[:, 0])
-        logps.append(logprobs_from_logits(last, token[:, 0]))
-        vals.append(values[:, -1])
-        if step + 1 == steps:
+        logp = torch.log_softmax(last, dim=-1)
+        if top_k or top_p < 1.0:
+            token = sample_tokens(torch.log_softmax(_filter_logits(last, top_k, top_p), dim=-1), generator)
+        else:
+            token = sample_tokens(logp, generator)
+        tok[active, step] = token
+        lp[active, step] = logp.gather(-1, token[:, None])[:, 0]
+        vl[active, step] = values[:, -1]
+        going = (todo[active] > step + 1) & (token != eos_id)
+        if not bool(going.any()):
             break
+        if can_shrink and not bool(going.all()):
+            idx = going.nonzero()[:, 0]
+            cache.batch_select_indices(idx)
+            active, token, mask, positions = active[idx], token[idx], mask[idx], positions[idx]
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         positions = positions[:, -1:] + 1
-        logits, values, cache = policy(token, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
-    tok = torch.stack(tokens, 1).tolist()
-    lp = torch.stack(logps, 1).tolist()
-    vl = torch.stack(vals, 1).tolist()
+        logits, values, cache = policy(token[:, None], attention_mask=mask, position_ids=positions, cache=cache,
+                                       use_cache=True)
+    tok, lp, vl = tok.tolist(), lp.tolist(), vl.tolist()
     out = Generated([], [], [])
     for i, n in enumerate(lengths):
         row = tok[i][:n]
@@ -118,21 +154,48 @@ def pack(queries: list[list[int]], responses: list[list[int]], pad_id: int) -> d
 
 
 def forward_responses(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], with_values: bool = True, with_logits: bool = False
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], with_values: bool = True, with_logits: bool = False,
+    with_entropy: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Per response token: logprobs, values (policy only), entropy and logits if asked; ``(B, R)``."""
+    """Per response token: logprobs, values (policy only), entropy and logits if asked; ``(B, R)``.
+
+    The vocabulary projection, log-softmax and entropy run only on real response tokens
+    (no query positions, no padding), which is most of the work of a small policy.
+    ``with_logits`` adds the response logits ``(B, R, V)`` and the entropy.
+    """
     ids, mask, index = batch["input_ids"], batch["attention_mask"], batch["index"]
-    if isinstance(model, PolicyWithValueHead):
-        logits, values, _ = model(ids, attention_mask=mask)
+    real = batch["response_mask"].bool()
+    if _accepts_logits_to_keep(type(_lm_of(model))):
+        rows = torch.arange(ids.shape[0])[:, None].expand_as(index)
+        keep = torch.zeros_like(ids, dtype=torch.bool)
+        keep[rows[real], index[real]] = True  # row-major order of `keep` == row-major order of `real`
+        if isinstance(model, PolicyWithValueHead):
+            flat, values, _ = model(ids, attention_mask=mask, logits_to_keep=keep)
+        else:
+            flat, values = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits, None
     else:
-        logits, values = model(input_ids=ids, attention_mask=mask).logits, None
-    targets = torch.gather(ids, 1, index + 1)
-    resp_logits = torch.gather(logits, 1, index[:, :, None].expand(-1, -1, logits.shape[-1]))
-    out = {"logprobs": logprobs_from_logits(resp_logits, targets), "mask": batch["response_mask"]}
+        if isinstance(model, PolicyWithValueHead):
+            logits, values, _ = model(ids, attention_mask=mask)
+        else:
+            logits, values = model(input_ids=ids, attention_mask=mask).logits, None
+        flat = torch.gather(logits, 1, index[:, :, None].expand(-1, -1, logits.shape[-1]))[real]
+    targets = torch.gather(ids, 1, index + 1)[real]
+    logp = torch.log_softmax(flat.float(), dim=-1)
+    out = {"logprobs": _unflatten(logp.gather(-1, targets[:, None])[:, 0], real), "mask": batch["response_mask"]}
     if with_values and values is not None:
         out["values"] = torch.gather(values, 1, index)
-    if with_logits:
-        out["logits"] = resp_logits
+    if with_logits or with_entropy:
         with torch.no_grad():  # a statistic only: no graph through a second softmax
-            out["entropy"] = entropy_from_logits(resp_logits)
+            out["entropy"] = _unflatten(-(logp.exp() * logp).sum(-1), real)
+    if with_logits:
+        padded = flat.new_zeros((*real.shape, flat.shape[-1]))
+        padded[real] = flat
+        out["logits"] = padded
+    return out
+
+
+def _unflatten(flat: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """``(N,)`` values of the real tokens back to ``(B, R)`` with zeros at padding (keeps the graph)."""
+    out = flat.new_zeros(real.shape)
+    out[real] = flat
     return out

@@ -53,6 +53,10 @@ class PPOTrainer:
         self.score_moments = RunningMoments()
         self.generator = torch.Generator().manual_seed(self.params.seed)
         self.dataset = dataset
+        # logprobs and values recorded while generating, keyed by (query, response), valid while
+        # the weights are unchanged: step() then needs no second policy forward pass (as rollout@i)
+        self._generated: dict[tuple[tuple[int, ...], tuple[int, ...]], tuple[list[float], list[float]]] = {}
+        self._generated_at: tuple[int, ...] | None = None
         self.dataloader = None
         if dataset is not None:
             self.dataloader = torch.utils.data.DataLoader(
@@ -83,8 +87,17 @@ class PPOTrainer:
             self.model, queries, lengths, self.tokenizer.eos_token_id, self.pad_id, self.generator,
             top_k=int(generation_kwargs.get("top_k", 0) or 0), top_p=float(generation_kwargs.get("top_p", 1.0)),
         )
+        version = self._weights_version()
+        if version != self._generated_at:
+            self._generated, self._generated_at = {}, version
+        for q, r, lp, v in zip(queries, out.response_ids, out.logprobs, out.values):
+            self._generated[(tuple(q), tuple(r))] = (lp, v)
         rows = [torch.tensor((q if return_prompt else []) + r) for q, r in zip(queries, out.response_ids)]
         return rows[0].unsqueeze(0) if single else rows
+
+    def _weights_version(self) -> tuple[int, ...]:
+        """Changes whenever any parameter is modified in place (optimizer steps included)."""
+        return tuple(p._version for p in self.model.parameters())
 
     def _step_safety_checker(
         self, batch_size: int, queries: list[torch.Tensor], responses: list[torch.Tensor], scores: list[torch.Tensor]
@@ -152,26 +165,39 @@ class PPOTrainer:
         batch = pack(query.tolist(), response.tolist(), self.pad_id)
         if not torch.equal(batch["input_ids"], model_input):
             raise ValueError("model_input must be query and response concatenated")
-        out = forward_responses(self.model, batch, with_logits=True)
+        out = forward_responses(self.model, batch, with_entropy=True)
         return ppo_loss(old_logprobs, values, None, out["values"], out["logprobs"], batch["response_mask"],
                         advantages, returns.detach(), self.params, entropy=out["entropy"])
 
     def rollout_table(
         self, queries: list[torch.Tensor], responses: list[torch.Tensor]
     ) -> tuple[pa.Table, list[list[float]]]:
-        """The rollouts artifact for a batch (policy logprobs/values) and its reference logprobs."""
-        logprobs, ref_logprobs, values = self.batched_forward_pass(queries, responses)
+        """The rollouts artifact for a batch (policy logprobs/values) and its reference logprobs.
+
+        Responses sampled by :meth:`generate` with the current weights reuse the logprobs and
+        values recorded while generating (as the rollout stage does); others get a forward pass.
+        """
         q, r = [_ids(x) for x in queries], [_ids(x) for x in responses]
+        recorded = [self._generated.get((tuple(a), tuple(b))) for a, b in zip(q, r)]
+        if self._generated_at == self._weights_version() and all(x is not None for x in recorded):
+            logprobs = [x[0] for x in recorded]
+            values = [x[1] for x in recorded]
+            ref = iteration.reference_logprobs(self.ref_model, q, r, self.pad_id, self.config.forward_batch_size)
+            return self._table(q, r, logprobs, values), ref
+        logprobs, ref_logprobs, values = self.batched_forward_pass(queries, responses)
+        return (self._table(q, r, [x.tolist() for x in logprobs], [x.tolist() for x in values]),
+                [x.tolist() for x in ref_logprobs])
+
+    def _table(self, q: list[list[int]], r: list[list[int]], logprobs: list, values: list) -> pa.Table:
         floats, ints = pa.list_(pa.float32()), pa.list_(pa.int32())
-        table = pa.table({
+        return pa.table({
             "prompt_id": pa.array(range(len(q)), pa.int64()),
             "query_ids": pa.array(q, ints), "response_ids": pa.array(r, ints),
             "query": self.tokenizer.batch_decode(q, skip_special_tokens=True),
             "response": self.tokenizer.batch_decode(r, skip_special_tokens=True),
-            "logprobs": pa.array([x.tolist() for x in logprobs], floats),
-            "values": pa.array([x.tolist() for x in values], floats),
+            "logprobs": pa.array(logprobs, floats),
+            "values": pa.array(values, floats),
         })
-        return table, [x.tolist() for x in ref_logprobs]
 
     def step(self, queries: list[torch.Tensor], responses: list[torch.Tensor], scores: list[torch.Tensor]) -> dict:
         """One PPO iteration on a batch, exactly as score@i -> advantages@i -> update@i."""

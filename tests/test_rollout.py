@@ -48,7 +48,7 @@ def test_forward_responses_matches_unpadded_reference(policy) -> None:
         assert res["logprobs"][i, : len(r)].tolist() == pytest.approx(ref_logp, abs=1e-5)
         assert res["values"][i, : len(r)].tolist() == pytest.approx(ref_values, abs=1e-5)
         assert res["mask"][i].tolist() == [1.0] * len(r) + [0.0] * (4 - len(r))
-    assert torch.all(res["entropy"] > 0)
+    assert torch.all(res["entropy"][res["mask"].bool()] > 0)  # padding positions carry no entropy
 
 
 def test_response_ends_at_eos_which_is_kept(policy) -> None:
@@ -69,3 +69,16 @@ def test_generation_is_deterministic_for_a_seed(policy) -> None:
     assert runs[0].response_ids == runs[1].response_ids
     other = generate(policy, [[5, 6], [7]], [6, 6], -1, EOS, torch.Generator().manual_seed(4))
     assert other.response_ids != runs[0].response_ids
+
+
+def test_sample_tokens_follows_the_distribution_and_never_draws_a_zero_probability_token() -> None:
+    from minichatgpt.rollout import sample_tokens
+
+    probs = torch.tensor([0.5, 0.0, 0.3, 0.2, 0.0])
+    logp = probs.log().expand(40_000, -1)
+    tokens = sample_tokens(logp, torch.Generator().manual_seed(0))
+    freq = torch.bincount(tokens, minlength=5).float() / len(tokens)
+    assert freq[1] == 0 and freq[4] == 0
+    assert freq.tolist() == pytest.approx(probs.tolist(), abs=0.01)
+    again = sample_tokens(logp, torch.Generator().manual_seed(0))
+    assert torch.equal(tokens, again)

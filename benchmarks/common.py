@@ -1,0 +1,252 @@
+"""Shared pieces of the benchmark harness: the TRL virtualenv, the default models,
+the workload (same prompts and lengths for every contender) and scratch DVC copies.
+
+Runs in the project's .venv; the TRL side runs in ``benchmarks/_work/trl-venv``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / "benchmarks" / "_work"
+TRL_VENV = WORK / "trl-venv"
+TRL_PACKAGES = ["trl==0.11.4", "transformers==4.45.2", "accelerate==0.34.2", "rich"]
+TORCH_SPEC = os.environ.get("TORCH_SPEC", "torch==2.13.0")
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def sh(cmd: list[str], cwd: Path = ROOT, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, check=True, **kw)
+
+
+def trl_python() -> Path:
+    """The TRL 0.11.4 virtualenv's python, created on first use (torch 2.13.0 first, then TRL)."""
+    marker = TRL_VENV / ".installed"
+    python = TRL_VENV / "bin" / "python"
+    wanted = " ".join([TORCH_SPEC, *TRL_PACKAGES])
+    if marker.is_file() and marker.read_text().strip() == wanted:
+        return python
+    log(f"building the TRL virtualenv in {TRL_VENV.relative_to(ROOT)} ({wanted})")
+    WORK.mkdir(parents=True, exist_ok=True)
+    base = getattr(sys, "_base_executable", sys.executable)
+    sh([base, "-m", "venv", "--clear", str(TRL_VENV)])
+    pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    if TORCH_SPEC:
+        sh([*pip, TORCH_SPEC])
+    sh([*pip, *TRL_PACKAGES])
+    marker.write_text(wanted + "\n")
+    return python
+
+
+def ensure_default_models() -> None:
+    """checkpoints/0 and models/reward, built by DVC when missing (fresh clone: ~6.5 min on 2 cores)."""
+    if (ROOT / "checkpoints/0/model.safetensors").is_file() and (ROOT / "models/reward/model.safetensors").is_file():
+        return
+    log("default models missing: dvc repro pretrain train_reward")
+    sh([str(Path(sys.executable).parent / "dvc"), "repro", "pretrain", "train_reward"])
+
+
+def ppo_section(raw: dict) -> dict:
+    from dataclasses import asdict
+
+    from minichatgpt.params import section
+
+    return asdict(section(raw, "ppo"))
+
+
+def write_initial_value_head(seed: int) -> Path:
+    """minichatgpt's seeded initial value head, handed to TRL so both start from the same weights."""
+    from safetensors.torch import save_file
+
+    from minichatgpt.models import PolicyWithValueHead, load_causal_lm
+
+    policy = PolicyWithValueHead(load_causal_lm(ROOT / "checkpoints/0"), seed=seed)
+    path = WORK / "value_head0.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in policy.v_head.state_dict().items()}, path)
+    return path
+
+
+def iteration_inputs(raw: dict, batch_size: int, iteration: int, split: str = "train") -> dict:
+    """The prompts and response lengths rollout@iteration would draw, for every contender."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from minichatgpt.iteration import encode_queries, sample_prompts
+    from minichatgpt.models import load_tokenizer
+    from minichatgpt.params import section
+    from minichatgpt.seeding import stage_seed
+
+    ppo, gen = section(raw, "ppo"), section(raw, "generation")
+    seed = stage_seed(ppo.seed, "rollout", iteration)
+    prompts = pq.read_table(ROOT / "data/prompts.parquet")
+    batch = sample_prompts(prompts, split, batch_size, np.random.default_rng(seed))
+    queries = encode_queries(load_tokenizer(ROOT / "checkpoints/0"), batch)
+    lengths = np.random.default_rng(seed).integers(gen.output_min_length, gen.output_max_length + 1,
+                                                   size=len(queries)).tolist()
+    fbs = gen.forward_batch_size
+    chunk = [round(statistics.mean(lengths[i : i + fbs])) for i in range(0, len(lengths), fbs)]
+    return {"queries": queries, "lengths": lengths, "chunk_lengths": chunk}
+
+
+def same_model_check(a: dict, b: dict) -> dict:
+    """Largest absolute difference between the two sides' probe figures (0 up to float rounding)."""
+    return {k: max(abs(x - y) for x, y in zip(*(v if isinstance(v, list) else [v] for v in (a[k], b[k]))))
+            for k in a}
+
+
+def workload(raw: dict, runs: list[dict], threads: int, mode: str = "speed") -> dict:
+    from minichatgpt.params import section
+
+    ppo = ppo_section(raw)
+    return {
+        "mode": mode, "policy": str(ROOT / "checkpoints/0"), "reward": str(ROOT / "models/reward"),
+        "value_head": str(write_initial_value_head(ppo["seed"])), "ppo": ppo,
+        "probe_ids": runs[0]["iterations"][0]["queries"][0] + [5, 6, 7, 8],
+        "threads": threads, "forward_batch_size": section(raw, "generation").forward_batch_size,
+        "runs": runs,
+    }
+
+
+class Worker:
+    """A contender process (trl_iter.py / ours_iter.py) driven one iteration at a time, so the
+    harness can interleave contenders and machine load falls on all of them alike."""
+
+    def __init__(self, python: Path | str, script: str, work: dict, name: str, extra: list[str] | None = None):
+        wpath = WORK / f"{name}.workload.json"
+        wpath.write_text(json.dumps(work))
+        self.log_path = WORK / f"{name}.log"
+        env = os.environ | {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                            "OMP_NUM_THREADS": str(work["threads"])}
+        if "trl" in script:  # keep the project (transformers 5) off the TRL side's path
+            env.pop("PYTHONPATH", None)
+        self.name = name
+        self.proc = subprocess.Popen(
+            [str(python), str(ROOT / "benchmarks" / script), str(wpath), *(extra or [])], cwd=ROOT, env=env,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log_path.open("w"), text=True)
+        self.ready = self._read()
+
+    def _read(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith("RESULT "):
+                return json.loads(line[7:])
+        raise RuntimeError(f"{self.name} died; see {self.log_path}:\n" + self.log_path.read_text()[-3000:])
+
+    def request(self, **cmd) -> dict:
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> dict:
+        out = self.request(cmd="quit")
+        self.proc.wait()
+        return out
+
+
+# ---------------------------------------------------------------- scratch DVC copies
+
+def scratch_repo(name: str, params_edit) -> Path:
+    """A copy of this repository (tracked + untracked, not ignored files) under benchmarks/_work,
+    with the default models copied in and committed to its own DVC cache, and params edited."""
+    import yaml
+
+    dest = WORK / name
+    if dest.exists():
+        shutil.rmtree(dest)
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
+                           capture_output=True).stdout.decode().split("\0")
+    for rel in filter(None, files):
+        src = ROOT / rel
+        if src.is_file() and not rel.startswith("benchmarks/"):
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    for rel in ("data/corpus.parquet", "data/prompts.parquet"):
+        shutil.copy2(ROOT / rel, dest / rel)
+    for rel in ("checkpoints/0", "models/reward"):
+        shutil.copytree(ROOT / rel, dest / rel)
+    raw = yaml.safe_load((dest / "params.yaml").read_text())
+    params_edit(raw)
+    (dest / "params.yaml").write_text(yaml.safe_dump(raw, default_flow_style=False, sort_keys=False))
+    (dest / "dvc.lock").unlink(missing_ok=True)
+    sh(["git", "init", "-q"], cwd=dest)
+    dvc = str(Path(sys.executable).parent / "dvc")
+    sh([dvc, "commit", "-f", "-q", "prepare", "pretrain", "train_reward"], cwd=dest)
+    return dest
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
+
+
+def timed_dvc_repro(repo: Path, target: str, threads: int, extra_env: dict | None = None, poll_s: float = 0.02) -> dict:
+    """Wall time of ``dvc repro target`` (process start included), per-stage wall time from
+    DVC's 'Running stage' lines, and peak RSS of each stage process (as reported by the warm
+    worker for the forked process that ran the stage, else sampled every 20 ms)."""
+    import threading
+
+    import psutil
+
+    dvc = str(Path(sys.executable).parent / "dvc")
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "PATH": str(Path(sys.executable).parent) + os.pathsep
+                        + os.environ.get("PATH", ""), "OMP_NUM_THREADS": str(threads),
+                        "MINICHATGPT_WORKER_REPORT": "1", **(extra_env or {})}
+    marks: list[tuple[float, str]] = []
+    rss: dict[str, int] = {}
+    inside: dict[str, float] = {}
+    done = threading.Event()
+    start = time.perf_counter()
+    proc = subprocess.Popen([dvc, "repro", target], cwd=repo, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+    def sample() -> None:
+        parent = psutil.Process(proc.pid)
+        while not done.is_set():
+            try:
+                for child in parent.children(recursive=True):
+                    try:
+                        cmd = " ".join(child.cmdline())
+                        mem = child.memory_info().rss
+                    except (psutil.NoSuchProcess, psutil.AccessDenied):
+                        continue
+                    if "stages/" in cmd:
+                        stage = cmd.split("stages/", 1)[1].split(".py", 1)[0]
+                        rss[stage] = max(rss.get(stage, 0), mem)
+            except psutil.NoSuchProcess:
+                break
+            time.sleep(poll_s)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    output = []
+    for line in proc.stdout:
+        output.append(line)
+        if line.startswith("Running stage '"):
+            marks.append((time.perf_counter(), line.split("'")[1]))
+        elif line.startswith("[") and "] done in " in line:  # the stage's own time, from run() to outputs fsynced
+            stage = line[1:].split("]", 1)[0]
+            inside[stage] = float(line.split("] done in ", 1)[1].split("s", 1)[0])
+        elif line.startswith("[worker] ") and "peak_rss_mb=" in line:  # stage run by the warm worker
+            stage = line.split()[1].removesuffix(".py")
+            rss[stage] = max(rss.get(stage, 0), int(float(line.rsplit("=", 1)[1]) * 2**20))
+    code = proc.wait()
+    end = time.perf_counter()
+    done.set()
+    sampler.join()
+    if code != 0:
+        raise RuntimeError(f"dvc repro {target} failed in {repo}:\n{''.join(output[-40:])}")
+    stages = {}
+    for (t, name), nxt in zip(marks, [m[0] for m in marks[1:]] + [end]):
+        stages[name.split("@")[0]] = nxt - t
+    return {"s": end - start, "stages_s": stages, "stage_inside_s": inside,
+            "stage_peak_rss_mb": {k: v / 2**20 for k, v in rss.items()}}
