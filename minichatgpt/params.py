@@ -26,6 +26,14 @@ class ParamsError(ValueError):
 class RuntimeParams:
     threads: int = 2
     """torch intra-op threads; results are bit-identical only for the same count."""
+    launcher: str = "python"
+    """what runs `rollout` and `update`: 'python', or 'accelerate launch [options]' for CPU data parallelism,
+    e.g. 'accelerate launch --multi_gpu --num_processes 2' (torchrun + gloo; see minichatgpt/parallel.py)."""
+
+    def validate(self) -> None:
+        _check(self.threads >= 1, "runtime.threads", self.threads, ">= 1")
+        _check(self.launcher == "python" or self.launcher.startswith("accelerate launch"), "runtime.launcher",
+               self.launcher, "'python' or 'accelerate launch [options]'")
 
 
 @dataclass

@@ -34,7 +34,10 @@ def main() -> dict:
 
     from minichatgpt.iteration import batch_from_table, batch_stats, current_kl_coef, next_kl_coef, processed_scores
     from minichatgpt.models import ModelError, add_lora, load_optimizer_state, load_policy, save_policy
+    from minichatgpt.parallel import current_world
     from minichatgpt.ppo import ppo_update
+
+    world = current_world()
 
     policy, tokenizer, state = load_policy(args.policy, ppo.seed, trainable=True)
     adapters = getattr(policy.pretrained_model, "peft_config", None)
@@ -48,7 +51,10 @@ def main() -> dict:
     load_optimizer_state(optimizer, Path(args.policy))
     generator = torch.Generator().manual_seed(stage_seed(ppo.seed, "update", args.iter))
     optimize_start = time.perf_counter()
-    stats = ppo_update(policy, optimizer, batch_from_table(table), ppo, generator, tokenizer.pad_token_id)
+    stats = ppo_update(policy, optimizer, batch_from_table(table), ppo, generator, tokenizer.pad_token_id,
+                       world=world)
+    if not world.is_main:  # every process took the same step; process 0 writes the checkpoint
+        return {"iter": args.iter, "rank": world.rank}
     optimize_s = time.perf_counter() - optimize_start
     env = batch_stats(table)
     kl_coef = next_kl_coef(current_kl_coef(state, ppo), env["objective/kl"], table.num_rows, ppo)
