@@ -179,6 +179,18 @@ def load_causal_lm(ref: str | Path) -> nn.Module:
     return model.eval()
 
 
+def dequantized(model: nn.Module) -> nn.Module:
+    """A GGUF-loaded (already dequantized) model as a plain float32 one that ``save_pretrained`` accepts."""
+    from transformers import AutoModelForCausalLM
+
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict())
+    return plain.eval()
+
+
 def load_policy(ckpt: str | Path, seed: int, trainable: bool = False) -> tuple[PolicyWithValueHead, Any, dict]:
     """Policy with value head, tokenizer and training state from a checkpoint dir.
 

@@ -61,10 +61,11 @@ def _record_external(ref: str, out, metrics_path: str) -> dict:
     tokenizer = load_tokenizer(ref)
     metrics = {"pretrain/parameters": sum(p.numel() for p in model.parameters())}
     if pretrained_kwargs(ref)[1]:  # GGUF: dequantize once into a safetensors checkpoint
-        from minichatgpt.models import PolicyWithValueHead, save_policy
+        from minichatgpt.models import PolicyWithValueHead, dequantized, save_policy
 
+        state = {"iteration": 0, "kl_coef": None, "step": 0}
         with atomic_path(out) as tmp:
-            save_policy(tmp, PolicyWithValueHead(model), tokenizer, state={"iteration": 0, "kl_coef": None, "step": 0})
+            save_policy(tmp, PolicyWithValueHead(dequantized(model)), tokenizer, state=state)
             (tmp / "value_head.safetensors").unlink()
         write_json(metrics, metrics_path)
         return metrics
