@@ -39,5 +39,7 @@ def test_two_processes_reproduce_the_single_process_iteration(pipeline_repo: Pat
     metrics = json.loads((repo / "metrics/iters/1.json").read_text())
     reference = json.loads((single / "metrics/iters/1.json").read_text())
     assert metrics["ppo/minibatches"] == reference["ppo/minibatches"]
-    assert metrics["policy/clipfrac"] == pytest.approx(reference["policy/clipfrac"], abs=1e-6)
-    assert metrics["loss/total"] == pytest.approx(reference["loss/total"], rel=1e-4, abs=1e-6)
+    # token-level stats pool every token whichever process saw it (per-part means like loss/total
+    # average over differently sized parts, so they are not comparable)
+    for key in ("policy/ratio", "policy/advantages", "env/reward_mean"):
+        assert metrics[key] == pytest.approx(reference[key], rel=1e-4, abs=1e-6), key
