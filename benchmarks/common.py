@@ -54,7 +54,9 @@ def ensure_default_models() -> None:
     if (ROOT / "checkpoints/0/model.safetensors").is_file() and (ROOT / "models/reward/model.safetensors").is_file():
         return
     log("default models missing: dvc repro pretrain train_reward")
-    sh([str(Path(sys.executable).parent / "dvc"), "repro", "pretrain", "train_reward"])
+    bin_dir = str(Path(sys.executable).parent)  # the stages' `python` must be this venv's
+    sh([str(Path(bin_dir) / "dvc"), "repro", "pretrain", "train_reward"],
+       env=os.environ | {"HF_HUB_OFFLINE": "1", "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")})
 
 
 def ppo_section(raw: dict) -> dict:

@@ -107,7 +107,8 @@ def main() -> None:
     args = ap.parse_args()
     work = json.loads(Path(args.workload).read_text())
     runner = Runner(work, work["runs"][0])
-    emit({"ready": True, "import_s": runner.import_s, "probe": probe(runner, work["probe_ids"])})
+    checked = probe(runner, work["probe_ids"]) if work.get("probe_ids") else None
+    emit({"ready": True, "import_s": runner.import_s, "probe": checked})
     for line in sys.stdin:
         cmd = json.loads(line)
         if cmd["cmd"] == "step":

@@ -150,7 +150,8 @@ def probe(runner: Runner, ids: list[int]) -> dict:
 def serve(work: dict) -> None:
     """Lockstep protocol with benchmarks/bench.py: one JSON line per command on stdout."""
     runner = Runner(work, work["runs"][0])
-    emit({"ready": True, "import_s": runner.import_s, "probe": probe(runner, work["probe_ids"])})
+    checked = probe(runner, work["probe_ids"]) if work.get("probe_ids") else None
+    emit({"ready": True, "import_s": runner.import_s, "probe": checked})
     for line in sys.stdin:
         cmd = json.loads(line)
         if cmd["cmd"] == "step":

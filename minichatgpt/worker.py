@@ -16,7 +16,7 @@ Safety:
   before (and starts a fresh worker in the background for the next stage);
 - the stage process killed (e.g. ``dvc repro`` interrupted): the worker kills the
   child at once; the worker dying kills its children (``PR_SET_PDEATHSIG``);
-- the worker exits after ``MINICHATGPT_WORKER_IDLE`` seconds without work (default 600);
+- the worker exits after ``MINICHATGPT_WORKER_IDLE`` seconds without work (default 300);
 - ``MINICHATGPT_WORKER=0`` turns all of this off.
 """
 
@@ -98,9 +98,28 @@ def delegate() -> int | None:
     return int(answer["code"])
 
 
+def _spawn_lock(path: Path) -> Path:
+    return path.with_name(path.name + ".starting")
+
+
 def spawn(path: Path) -> None:
-    """Start a worker in the background (its own session, no stdio) for the next stages."""
+    """Start a worker in the background (its own session, no stdio) for the next stages,
+    unless one is already starting (it takes a few seconds to import before it listens)."""
     import subprocess
+
+    lock = _spawn_lock(path)
+    try:
+        os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        try:
+            if time.time() - lock.stat().st_mtime < 120:
+                return
+            lock.unlink()  # a worker that never came up: try again next time
+        except OSError:
+            pass
+        return
+    except OSError:
+        return
 
     env = dict(os.environ)
     env["PYTHONPATH"] = str(PACKAGE.parent) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -214,6 +233,11 @@ def _warm_up() -> None:
 
     torch.set_num_threads(1)
     rng = torch.random.get_rng_state()  # restored below: children see a fresh process's global RNG
+    import tqdm
+    from transformers.utils import logging as hf_logging
+
+    tqdm.tqdm.monitor_interval = 0  # no tqdm monitor thread in a process that forks
+    hf_logging.disable_progress_bar()
     from transformers import (
         AutoModelForCausalLM,
         AutoModelForSequenceClassification,
@@ -232,6 +256,7 @@ def _warm_up() -> None:
         AutoModelForCausalLM.from_pretrained(f"{tmp}/gpt2")
         AutoModelForSequenceClassification.from_pretrained(f"{tmp}/bert")
     torch.random.set_rng_state(rng)
+    hf_logging.enable_progress_bar()
 
 
 def serve(path: Path, idle_s: float) -> None:
@@ -254,6 +279,7 @@ def serve(path: Path, idle_s: float) -> None:
     listener.listen(16)
     inode = os.stat(tmp).st_ino
     os.replace(tmp, path)  # atomically take over the name (a racing worker just idles out)
+    _spawn_lock(path).unlink(missing_ok=True)
     sel = selectors.DefaultSelector()
     sel.register(listener, selectors.EVENT_READ)
     children: dict[int, socket.socket] = {}
@@ -332,4 +358,4 @@ if __name__ == "__main__":
     sock_path, package = Path(sys.argv[1]), Path(sys.argv[2])
     if package != PACKAGE:  # resolved another copy of the package than the client's
         sys.exit(0)
-    serve(sock_path, float(os.environ.get("MINICHATGPT_WORKER_IDLE", "600")))
+    serve(sock_path, float(os.environ.get("MINICHATGPT_WORKER_IDLE", "300")))

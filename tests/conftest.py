@@ -26,6 +26,9 @@ def tool_env() -> dict[str, str]:
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     env["HF_HUB_OFFLINE"] = "1"
+    # stage processes run cold (no warm worker, whose speed would move the kill points of
+    # test_faults); tests/test_worker.py covers the worker path
+    env.setdefault("MINICHATGPT_WORKER", "0")
     env.setdefault("GIT_AUTHOR_NAME", "minichatgpt tests")
     env.setdefault("GIT_AUTHOR_EMAIL", "tests@minichatgpt.invalid")
     env.setdefault("GIT_COMMITTER_NAME", "minichatgpt tests")

@@ -17,7 +17,7 @@ from tests.test_stages import scored_table
 def env_for(tmp_path: Path, **extra: str) -> dict[str, str]:
     # a private worker for this test (the key includes MINICHATGPT_* variables), gone soon after
     return tool_env() | {"MINICHATGPT_TEST_KEY": str(tmp_path), "MINICHATGPT_WORKER_IDLE": "30",
-                         "MINICHATGPT_WORKER_REPORT": "1"} | extra
+                         "MINICHATGPT_WORKER_REPORT": "1", "MINICHATGPT_WORKER": "1"} | extra
 
 
 def advantages(tmp_path: Path, out: str, env: dict[str, str]) -> subprocess.CompletedProcess:
