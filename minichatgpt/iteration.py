@@ -15,15 +15,11 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from minichatgpt.core import RunningMoments, gae, kl_penalty, per_token_rewards, process_scores, whiten
+from minichatgpt.core import NonFiniteError, RunningMoments, gae, kl_penalty, per_token_rewards, process_scores, whiten
 from minichatgpt.parallel import SINGLE, World
 from minichatgpt.params import GenerationParams, PPOParams
 
 log = logging.getLogger(__name__)
-
-
-class NonFiniteValueError(FloatingPointError):
-    pass
 
 
 def check_finite(name: str, rows: list[list[float]] | np.ndarray, where: str) -> None:
@@ -31,7 +27,7 @@ def check_finite(name: str, rows: list[list[float]] | np.ndarray, where: str) ->
     for i, row in enumerate(rows):
         arr = np.asarray(row, dtype=np.float64)
         if not np.all(np.isfinite(arr)):
-            raise NonFiniteValueError(f"{where}: non-finite {name} in sample {i}: {arr.tolist()}")
+            raise NonFiniteError(f"{where}: non-finite {name} in sample {i}: {arr.tolist()}")
 
 
 def pad_rows(rows: list[list[float]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -245,7 +241,7 @@ def next_kl_coef(current: float, mean_kl: float, n_steps: int, params: PPOParams
     ctl = kl_controller(params.adap_kl_ctrl, current, params.target, params.horizon)
     value = ctl.update(mean_kl, n_steps)
     if not math.isfinite(value):
-        raise NonFiniteValueError(f"KL coefficient became {value} (mean KL {mean_kl})")
+        raise NonFiniteError(f"KL coefficient became {value} (mean KL {mean_kl})")
     return value
 
 

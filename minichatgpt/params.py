@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from minichatgpt.core import KL_ESTIMATORS
+KL_ESTIMATORS = ("kl", "abs", "mse", "full", "k3")
+"""``ppo.kl_penalty`` values (TRL's names); here so that validating params needs no torch."""
 
 
 class ParamsError(ValueError):

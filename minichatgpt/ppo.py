@@ -12,17 +12,13 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from minichatgpt.core import masked_mean, masked_var, policy_loss, value_loss
+from minichatgpt.core import NonFiniteError, masked_mean, masked_var, policy_loss, value_loss
 from minichatgpt.models import PolicyWithValueHead
 from minichatgpt.parallel import SINGLE, World
 from minichatgpt.params import PPOParams
 from minichatgpt.rollout import forward_responses, pack
 
 log = logging.getLogger(__name__)
-
-
-class NonFiniteError(FloatingPointError):
-    """A loss or input became NaN/inf; raised before any checkpoint is written."""
 
 
 @dataclass
