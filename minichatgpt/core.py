@@ -13,7 +13,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-KL_ESTIMATORS = ("kl", "abs", "mse", "full", "k3")
+from minichatgpt.params import KL_ESTIMATORS
+
+
+class NonFiniteError(FloatingPointError):
+    """A value, loss or input became NaN/inf; raised before any output is written."""
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor | None = None, dim: int | None = None) -> torch.Tensor:

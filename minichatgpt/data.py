@@ -52,6 +52,29 @@ def load_reviews(path: str | Path | None = None) -> pa.Table:
     return pa.table({"text": texts, "label": pa.array(labels, pa.int8()), "source": sources})
 
 
+def load_dataset_reviews(ref: str) -> pa.Table:
+    """A ``datasets`` train split (hub name, local directory or data file) as :func:`load_reviews` columns."""
+    import datasets
+
+    path = Path(ref)
+    builders = {".csv": "csv", ".parquet": "parquet", ".json": "json", ".jsonl": "json"}
+    try:
+        if path.is_file() and path.suffix in builders:
+            ds = datasets.load_dataset(builders[path.suffix], data_files=str(path), split="train")
+        else:
+            ds = datasets.load_dataset(ref, split="train")
+    except Exception as err:  # datasets raises many unrelated types for a missing/unreadable dataset
+        raise ValueError(f"data.dataset={ref!r}: cannot be loaded: {type(err).__name__}: {err}") from None
+    missing = {"text", "label"} - set(ds.column_names)
+    if missing:
+        raise ValueError(f"data.dataset={ref!r}: missing column(s) {sorted(missing)}; has {ds.column_names}")
+    texts = [clean_text(t or "") for t in ds["text"]]
+    labels = list(ds["label"])
+    if any(v not in (0, 1) for v in labels):
+        raise ValueError(f"data.dataset={ref!r}: column 'label' must hold 0 or 1")
+    return pa.table({"text": texts, "label": pa.array(labels, pa.int8()), "source": ["dataset"] * len(texts)})
+
+
 def split_corpus(reviews: pa.Table, params: DataParams) -> tuple[pa.Table, pa.Table]:
     """Shuffle with ``data.seed``, hold out ``eval_prompts`` IMDB reviews, build prompts.
 
@@ -65,7 +88,9 @@ def split_corpus(reviews: pa.Table, params: DataParams) -> tuple[pa.Table, pa.Ta
     texts = [reviews["text"][int(i)].as_py() for i in order]
     labels = [reviews["label"][int(i)].as_py() for i in order]
     sources = [reviews["source"][int(i)].as_py() for i in order]
-    promptable = [i for i, (t, s) in enumerate(zip(texts, sources)) if s == "imdb" and len(t) > MIN_REVIEW_CHARS]
+    # full reviews only: the packaged Rotten Tomatoes rows are one-sentence snippets
+    promptable = [i for i, (t, s) in enumerate(zip(texts, sources))
+                  if s != "rotten_tomatoes" and len(t) > MIN_REVIEW_CHARS]
     if len(promptable) < params.eval_prompts + 2:
         raise ValueError(
             f"data: only {len(promptable)} reviews are long enough for prompts; "

@@ -14,8 +14,9 @@ from minichatgpt.params import GenerationParams
 def evaluate(
     before_dir: Path, after_dir: Path, reward_ref: str, prompts: pa.Table, gen: GenerationParams,
     seed: int, n_samples: int,
-) -> tuple[dict, list[dict]]:
-    """Return ``(summary, samples)``; KL is the mean over prompts of the summed k1 KL to the reference."""
+) -> tuple[dict, list[dict], dict[str, np.ndarray]]:
+    """Return ``(summary, samples, scores)``; KL is the mean over prompts of the summed k1 KL to the
+    reference, ``scores`` the per-prompt rewards ``before`` and ``after``."""
     from minichatgpt.iteration import reference_logprobs, rollout
     from minichatgpt.models import load_policy
     from minichatgpt.reward import RewardModel
@@ -54,4 +55,4 @@ def evaluate(
             after["response"].to_pylist()[:n_samples], before_scores[:n_samples], after_scores[:n_samples],
         )
     ]
-    return summary, samples
+    return summary, samples, {"before": before_scores, "after": after_scores}

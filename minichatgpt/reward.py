@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,12 +18,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from minichatgpt.models import ModelError
+from minichatgpt.models import ModelError, resolve_ref
 
 log = logging.getLogger(__name__)
 
 FUNCTION_FILE = "reward_function.json"
 """written by train_reward when the reward is a ``module:function``."""
+SOURCE_FILE = "source.json"
+"""written by train_reward when the reward is a Hugging Face name or a local model directory."""
 
 
 def is_function_ref(ref: str) -> bool:
@@ -29,7 +33,11 @@ def is_function_ref(ref: str) -> bool:
 
 
 def load_function(ref: str) -> Callable[[list[str]], Sequence[float]]:
+    """Import ``module:function``; modules resolve from the working directory (the project root
+    under DVC) first, as with ``python -m``. This runs the user's code."""
     module_name, _, func_name = ref.partition(":")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
@@ -54,12 +62,15 @@ class RewardModel:
         ref_path = Path(ref)
         if (ref_path / FUNCTION_FILE).is_file():
             ref = json.loads((ref_path / FUNCTION_FILE).read_text())["function"]
+        elif (ref_path / SOURCE_FILE).is_file():  # train_reward recorded a Hub name / local directory
+            ref = json.loads((ref_path / SOURCE_FILE).read_text())["model"]
         if isinstance(ref, str) and is_function_ref(ref):
             self.function = load_function(ref)
             self.model = self.tokenizer = None
             return
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        ref = resolve_ref(ref)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(ref), trust_remote_code=False)
             self.model = AutoModelForSequenceClassification.from_pretrained(

@@ -83,12 +83,13 @@ def classifier_examples(
     rng = np.random.default_rng(seed)
     ids = tokenizer(texts, add_special_tokens=False, truncation=False)["input_ids"]
     cls_id = tokenizer.cls_token_id
+    sep = [tokenizer.sep_token_id] if tokenizer.sep_token_id is not None else []  # pretrained BERT-style encoders
     out = []
     for doc in ids:
         limit = max_length - 1
         if rng.random() < prefix_share:
             limit = int(rng.integers(8, max_length))
-        out.append([cls_id, *doc[: max(1, limit - 1)]] if cls_id is not None else doc[:limit])
+        out.append([cls_id, *doc[: max(1, limit - 1 - len(sep))], *sep] if cls_id is not None else doc[:limit])
     return out, list(labels)
 
 

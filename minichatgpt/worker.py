@@ -50,7 +50,9 @@ PRELOAD = (
 
 
 def enabled() -> bool:
-    return os.environ.get(SWITCH, "1") != "0" and not os.environ.get(IN_CHILD) and hasattr(socket, "AF_UNIX")
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # accelerate launch: processes join a group themselves
+    return (os.environ.get(SWITCH, "1") != "0" and not os.environ.get(IN_CHILD) and hasattr(socket, "AF_UNIX")
+            and not distributed)
 
 
 def socket_path() -> Path:

@@ -1,5 +1,6 @@
 """Held-out evaluation: reward of the pretrained policy vs the final one on the same prompts
-and seed, KL of the final policy to the reference, and before/after samples."""
+and seed, KL of the final policy to the reference, before/after samples, and the dvclive
+directory (per-iteration training series, reward distribution) that dvc.yaml plots."""
 
 from minichatgpt.stage import parser, run
 
@@ -11,11 +12,14 @@ def main() -> dict:
     p.add_argument("--reward", default="models/reward")
     p.add_argument("--summary", default="metrics/summary.json")
     p.add_argument("--samples", default="metrics/samples.json")
+    p.add_argument("--iter-metrics", default="metrics/iters", help="directory of update@i metrics JSON files")
+    p.add_argument("--live", default="metrics/live", help="output dvclive directory")
     args = p.parse_args()
 
+    import json
     from pathlib import Path
 
-    from minichatgpt.artifacts import read_table, write_json
+    from minichatgpt.artifacts import atomic_path, read_table, write_json
     from minichatgpt.params import iterations, load_yaml, section
     from minichatgpt.seeding import stage_seed
     from minichatgpt.stage import setup_torch
@@ -27,16 +31,25 @@ def main() -> dict:
     final_dir = Path(args.checkpoints) / last
     if not (final_dir / "state.json").is_file():
         raise FileNotFoundError(f"{final_dir}: no finished checkpoint of iteration {last}; run `dvc repro`")
+    stats = {}
+    for key in iterations(raw):
+        file = Path(args.iter_metrics) / f"{key}.json"
+        if not file.is_file():
+            raise FileNotFoundError(f"{file}: metrics of update@{key} missing; run `dvc repro`")
+        stats[key] = json.loads(file.read_text())
     setup_torch(runtime.threads)
 
     from minichatgpt.evaluation import evaluate
     from minichatgpt.iteration import sample_prompts
+    from minichatgpt.report import iteration_series, reward_histogram, write_live
 
     held_out = sample_prompts(prompts, "eval", None, None)
     seed = stage_seed(params.seed, "evaluate")
-    summary, samples = evaluate(Path(args.checkpoints) / "0", final_dir, args.reward, held_out, gen, seed,
-                                params.samples)
+    summary, samples, scores = evaluate(Path(args.checkpoints) / "0", final_dir, args.reward, held_out, gen, seed,
+                                        params.samples)
     summary["iterations"] = int(last)
+    with atomic_path(args.live) as tmp:
+        write_live(tmp, iteration_series(stats), summary, reward_histogram(scores["before"], scores["after"]))
     write_json(summary, args.summary)
     write_json(samples, args.samples)
     return {k: summary[k] for k in ("reward_before", "reward_after", "reward_stderr", "kl")}

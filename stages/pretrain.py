@@ -55,15 +55,24 @@ def _record_external(ref: str, out, metrics_path: str) -> dict:
     import json
 
     from minichatgpt.artifacts import atomic_path, write_json
-    from minichatgpt.models import load_causal_lm, load_tokenizer
+    from minichatgpt.models import load_causal_lm, load_tokenizer, pretrained_kwargs
 
     model = load_causal_lm(ref)  # fail here, not three stages later
-    load_tokenizer(ref)
+    tokenizer = load_tokenizer(ref)
+    metrics = {"pretrain/parameters": sum(p.numel() for p in model.parameters())}
+    if pretrained_kwargs(ref)[1]:  # GGUF: dequantize once into a safetensors checkpoint
+        from minichatgpt.models import PolicyWithValueHead, dequantized, save_policy
+
+        state = {"iteration": 0, "kl_coef": None, "step": 0}
+        with atomic_path(out) as tmp:
+            save_policy(tmp, PolicyWithValueHead(dequantized(model)), tokenizer, state=state)
+            (tmp / "value_head.safetensors").unlink()
+        write_json(metrics, metrics_path)
+        return metrics
     with atomic_path(out) as tmp:
         tmp.mkdir()
         (tmp / "source.json").write_text(json.dumps({"model": ref}, indent=2) + "\n")
         (tmp / "state.json").write_text(json.dumps({"iteration": 0, "kl_coef": None, "step": 0}, indent=2) + "\n")
-    metrics = {"pretrain/parameters": sum(p.numel() for p in model.parameters())}
     write_json(metrics, metrics_path)
     return metrics
 

@@ -26,11 +26,15 @@ def main() -> dict:
 
     from minichatgpt.iteration import rollout, sample_prompts
     from minichatgpt.models import load_policy
+    from minichatgpt.parallel import current_world
 
+    world = current_world()
     seed = stage_seed(ppo.seed, "rollout", args.iter)
     batch = sample_prompts(prompts, "train", ppo.batch_size, np.random.default_rng(seed))
     policy, tokenizer, _ = load_policy(args.policy, ppo.seed)
-    table = rollout(policy, tokenizer, batch, gen, seed)
+    table = rollout(policy, tokenizer, batch, gen, seed, world=world)
+    if not world.is_main:  # process 0 gathered every chunk and writes the table
+        return {"iter": args.iter, "rank": world.rank}
     write_table(table, args.out, "rollouts")
     return {"iter": args.iter, "rows": table.num_rows}
 

@@ -13,13 +13,16 @@ def main() -> dict:
     p.add_argument("--metrics", required=True, help="output metrics JSON of this iteration")
     args = p.parse_args()
 
+    import time
+
+    started = time.perf_counter()
     from minichatgpt.artifacts import atomic_path, read_table, write_json
     from minichatgpt.params import load_yaml, section
     from minichatgpt.seeding import stage_seed
     from minichatgpt.stage import setup_torch
 
     raw = load_yaml(args.params)
-    ppo, runtime = section(raw, "ppo"), section(raw, "runtime")
+    ppo, runtime, lora = section(raw, "ppo"), section(raw, "runtime"), section(raw, "lora")
     table = read_table(args.advantages, "advantages")
     if table.num_rows != ppo.batch_size:
         raise ValueError(f"{args.advantages}: {table.num_rows} rows but ppo.batch_size={ppo.batch_size}")
@@ -30,14 +33,29 @@ def main() -> dict:
     import torch
 
     from minichatgpt.iteration import batch_from_table, batch_stats, current_kl_coef, next_kl_coef, processed_scores
-    from minichatgpt.models import load_optimizer_state, load_policy, save_policy
+    from minichatgpt.models import ModelError, add_lora, load_optimizer_state, load_policy, save_policy
+    from minichatgpt.parallel import current_world
     from minichatgpt.ppo import ppo_update
 
-    policy, tokenizer, state = load_policy(args.policy, ppo.seed)
-    optimizer = torch.optim.Adam(policy.parameters(), lr=ppo.learning_rate)
+    world = current_world()
+
+    policy, tokenizer, state = load_policy(args.policy, ppo.seed, trainable=True)
+    adapters = getattr(policy.pretrained_model, "peft_config", None)
+    if adapters is None and lora.r:
+        add_lora(policy, lora.r, lora.alpha, lora.dropout, lora.modules(), stage_seed(ppo.seed, "lora", args.iter))
+    elif adapters is not None and adapters["default"].r != lora.r:
+        raise ModelError(f"{args.policy}: holds LoRA adapters of rank {adapters['default'].r} but lora.r={lora.r}; "
+                         "start a new chain from checkpoints/0 to change it")
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=ppo.learning_rate)
     load_optimizer_state(optimizer, Path(args.policy))
     generator = torch.Generator().manual_seed(stage_seed(ppo.seed, "update", args.iter))
-    stats = ppo_update(policy, optimizer, batch_from_table(table), ppo, generator, tokenizer.pad_token_id)
+    optimize_start = time.perf_counter()
+    stats = ppo_update(policy, optimizer, batch_from_table(table), ppo, generator, tokenizer.pad_token_id,
+                       world=world)
+    if not world.is_main:  # every process took the same step; process 0 writes the checkpoint
+        return {"iter": args.iter, "rank": world.rank}
+    optimize_s = time.perf_counter() - optimize_start
     env = batch_stats(table)
     kl_coef = next_kl_coef(current_kl_coef(state, ppo), env["objective/kl"], table.num_rows, ppo)
     step = int(state.get("step", 0)) + int(stats["ppo/minibatches"])
@@ -46,7 +64,10 @@ def main() -> dict:
     new_state = {"iteration": args.iter, "kl_coef": kl_coef, "step": step, "score_moments": moments.__dict__}
     with atomic_path(args.out) as tmp:
         save_policy(tmp, policy, tokenizer, optimizer, new_state)
-    metrics = {"iter": args.iter} | env | stats | {"objective/kl_coef_next": kl_coef}
+    # Wall-clock seconds: the only keys that differ between identical runs (see README).
+    timing = {"time/ppo/optimize_step": optimize_s, "time/ppo/total": time.perf_counter() - started}
+    stats["ppo/trainable_parameters"] = float(sum(p.numel() for p in trainable))
+    metrics = {"iter": args.iter} | env | stats | {"objective/kl_coef_next": kl_coef} | timing
     write_json(metrics, args.metrics)
     return {k: metrics[k] for k in ("iter", "env/reward_mean", "objective/kl", "objective/kl_coef", "policy/clipfrac")}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -11,32 +12,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from minichatgpt.report import write_offline_html_template
+
 ROOT = Path(__file__).resolve().parents[1]
 
-TINY_OVERRIDES = {
-    "runtime": {"threads": 1},
-    "data": {"seed": 0, "max_reviews": 1200, "eval_prompts": 32, "input_min_text_length": 2,
-             "input_max_text_length": 8},
-    "pretrain": {"vocab_size": 400, "n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 64,
-                 "block_size": 32, "batch_size": 8, "learning_rate": 0.003, "max_steps": 15, "seed": 0},
-    "reward": {"vocab_size": 400, "n_layer": 1, "n_head": 2, "n_embd": 32, "max_length": 32,
-               "batch_size": 8, "learning_rate": 0.001, "max_steps": 15, "seed": 0},
-    "generation": {"output_min_length": 4, "output_max_length": 8, "forward_batch_size": 8},
-    "ppo": {"learning_rate": 0.0003, "batch_size": 8, "mini_batch_size": 4, "ppo_epochs": 2, "seed": 0},
-    "evaluate": {"seed": 1, "samples": 2},
-    "iters": {"1": {"prev": "0"}, "2": {"prev": "1"}},
-}
-
-
-def _merge(base: dict, override: dict) -> dict:
-    out = dict(base)
-    for key, value in override.items():
-        out[key] = _merge(base.get(key, {}), value) if isinstance(value, dict) and key != "iters" else value
-    return out
-
-
-TINY_PARAMS = _merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY_OVERRIDES)
-"""The repository's params.yaml (every key DVC expects) with tiny sizes for fast tests."""
+TINY_PARAMS = yaml.safe_load((ROOT / "presets" / "tiny.yaml").read_text())
+"""The tiny preset (the CI reproduction runs it too): every key of params.yaml, tiny sizes."""
 
 
 def tool_env() -> dict[str, str]:
@@ -66,6 +47,27 @@ def write_params(path: Path, params: dict) -> None:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+WALL_CLOCK_OUTS = ("metrics/iters/", "metrics/live")
+"""Outputs holding ``time/`` keys (wall-clock seconds): the only bytes identical runs do not share."""
+
+
+def deterministic_out_hashes(lock_text: str) -> dict[str, str]:
+    """``stage:path -> md5`` of every output in a dvc.lock, less the wall-clock ones."""
+    lock = yaml.safe_load(lock_text)
+    return {f"{s}:{o['path']}": o["md5"] for s, b in lock["stages"].items() for o in b.get("outs", [])
+            if not o["path"].startswith(WALL_CLOCK_OUTS)}
+
+
+def timeless_metrics(repo: Path) -> dict[str, object]:
+    """The per-iteration and dvclive metrics with their ``time/`` keys dropped."""
+    out = {}
+    for file in sorted((repo / "metrics/iters").glob("*.json")):
+        out[file.name] = {k: v for k, v in json.loads(file.read_text()).items() if not k.startswith("time/")}
+    live = json.loads((repo / "metrics/live/metrics.json").read_text())
+    out["live"] = {k: v for k, v in live.items() if k != "time"}
+    return out
+
+
 def make_pipeline_repo(dest: Path, params: dict) -> Path:
     """A git + DVC repository holding this project's pipeline and the given params."""
     dest.mkdir(parents=True, exist_ok=True)
@@ -77,6 +79,12 @@ def make_pipeline_repo(dest: Path, params: dict) -> Path:
     sh(["git", "init", "-q", "-b", "main"], dest)
     sh(["dvc", "init", "-q"], dest)
     sh(["dvc", "config", "core.analytics", "false"], dest)
+    # the project's plot templates and offline page, as a clone of this repository has them
+    shutil.copytree(ROOT / ".dvc" / "plots", dest / ".dvc" / "plots", dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("offline.html"))
+    write_offline_html_template(dest / ".dvc" / "plots" / "offline.html")
+    shutil.copy(ROOT / ".dvc" / ".gitignore", dest / ".dvc" / ".gitignore")
+    sh(["dvc", "config", "plots.html_template", "plots/offline.html"], dest)
     sh(["git", "add", "-A"], dest)
     sh(["git", "commit", "-qm", "pipeline"], dest)
     return dest

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tests.conftest import TINY_PARAMS, make_pipeline_repo, sh, tool_env, write_params
+from tests.conftest import TINY_PARAMS, deterministic_out_hashes, make_pipeline_repo, sh, tool_env, write_params
 
 pytestmark = pytest.mark.e2e
 
@@ -147,34 +149,44 @@ def test_bad_artifacts_are_refused_by_name(pipeline_repo: Path, stage, flag, bui
 
 
 def repro_killed_in(repo: Path, stage: str, delay: float) -> bool:
-    """Start `dvc repro`, SIGKILL its whole process group ``delay`` s after ``stage`` starts."""
+    """Start `dvc repro`, SIGKILL its whole process group ``delay`` s after ``stage`` starts,
+    or as soon as the stage reports it is done (outputs written, dvc.lock not yet updated)
+    if that comes first, so that a fast stage cannot let the run go on past it."""
     env = tool_env() | {"PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(["dvc", "repro"], cwd=repo, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     assert proc.stdout is not None
-    for line in proc.stdout:
-        if f"Running stage '{stage}'" in line:
-            time.sleep(delay)
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:  # the whole run finished before the delay
-                pass
-            break
+    lines: queue.Queue[str | None] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout] + [lines.put(None)], daemon=True).start()
+    deadline = None
+    while True:
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            line = lines.get(timeout=timeout)
+        except queue.Empty:
+            break  # the delay is over
+        if line is None:
+            break  # the run ended
+        if deadline is None and f"Running stage '{stage}'" in line:
+            deadline = time.monotonic() + delay
+        elif deadline is not None and "] done in " in line:
+            break  # the stage finished first: kill before DVC records it
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:  # the whole run finished
+        pass
     proc.wait()
     return proc.returncode == -signal.SIGKILL
 
 
-# delays (s) after the stage starts; torch+transformers stages spend ~4 s importing, so the
-# longer delays land in their compute or writes and the shorter ones in start-up
+# delays (s) after the stage starts; stages spend their first seconds importing torch and
+# transformers (less with the warm worker), so longer delays land in compute or writes
 KILL_POINTS = [("prepare", 1.0), ("pretrain", 4.0), ("train_reward", 3.0), ("rollout@1", 2.5),
                ("score@1", 3.0), ("advantages@1", 0.8), ("update@1", 4.0), ("update@2", 3.5), ("evaluate", 2.0)]
 
 
 def test_sigkill_anywhere_then_plain_repro_gives_the_uninterrupted_hashes(pipeline_repo: Path, tmp_path) -> None:
-    def outs(lock_text: str) -> dict[str, str]:
-        lock = yaml.safe_load(lock_text)
-        return {f"{s}:{o['path']}": o["md5"] for s, b in lock["stages"].items() for o in b.get("outs", [])}
-
+    outs = deterministic_out_hashes
     uninterrupted = outs(sh(["git", "show", "HEAD:dvc.lock"], pipeline_repo).stdout)
     repo = make_pipeline_repo(tmp_path / "killed", TINY_PARAMS)
     killed = [stage for stage, delay in KILL_POINTS if repro_killed_in(repo, stage, delay)]

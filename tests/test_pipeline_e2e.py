@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import TINY_PARAMS, sh, write_params
+from tests.conftest import TINY_PARAMS, deterministic_out_hashes, sh, timeless_metrics, write_params
 
 pytestmark = pytest.mark.e2e
 
@@ -20,16 +23,12 @@ def stages_run(output: str) -> set[str]:
 
 
 def out_hashes(repo: Path) -> dict[str, str]:
-    lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    return {
-        f"{stage}:{out['path']}": out.get("md5", "")
-        for stage, body in lock["stages"].items()
-        for out in body.get("outs", [])
-    }
+    return deterministic_out_hashes((repo / "dvc.lock").read_text())
 
 
 def restore(repo: Path) -> None:
     sh(["git", "checkout", "--", "."], repo)
+    sh(["git", "clean", "-fdq"], repo)  # e.g. metrics/iters/3.json of an added iteration (not git-ignored)
     sh(["dvc", "checkout", "--force"], repo)
 
 
@@ -72,17 +71,48 @@ def test_second_repro_runs_nothing(repo: Path) -> None:
     assert "up to date" in status.stdout
 
 
-def test_lam_change_reruns_from_first_advantages(repo: Path) -> None:
+def test_lam_change_reruns_from_first_advantages(repo: Path, tmp_path: Path) -> None:
     try:
-        run = sh(["dvc", "exp", "run", "-S", "ppo.lam=0.9"], repo)
+        run = sh(["dvc", "exp", "run", "-n", "lam09", "-S", "ppo.lam=0.9"], repo)
         expected = {"advantages@1", "update@1", "rollout@2", "score@2", "advantages@2", "update@2", "evaluate"}
         assert stages_run(run.stdout) == expected
-        diff = sh(["dvc", "metrics", "diff", "HEAD"], repo)
-        assert "metrics/iters/1.json" in diff.stdout and "summary.json" in diff.stdout
-        params = sh(["dvc", "params", "diff", "HEAD"], repo)
+        diff = sh(["dvc", "metrics", "diff", "HEAD", "lam09"], repo)
+        assert "metrics/live/metrics.json" in diff.stdout and "objective.kl " in diff.stdout
+        params = sh(["dvc", "params", "diff", "HEAD", "lam09"], repo)
         assert "ppo.lam" in params.stdout and "0.9" in params.stdout
+        # the experiments table has the held-out reward and KL as columns, one row per experiment
+        rows = list(csv.DictReader(io.StringIO(sh(["dvc", "exp", "show", "--csv"], repo).stdout)))
+        by_name = {row["Experiment"] or row["rev"]: row for row in rows}
+        assert float(by_name["lam09"]["reward_after"]) == json.loads(
+            (repo / "metrics/summary.json").read_text())["reward_after"]
+        assert by_name["lam09"]["kl"] != by_name["main"]["kl"]  # lam changed the trained policy
+        # plots diff draws both experiments in every chart, offline
+        sh(["dvc", "plots", "diff", "HEAD", "lam09", "-o", str(tmp_path / "diff")], repo)
+        html = (tmp_path / "diff" / "index.html").read_text()
+        assert html.count("vegaEmbed('#") == 5
+        assert html.count('"rev": "lam09"') >= 5 and html.count('"rev": "HEAD"') >= 5
+        assert "<script src=" not in html
     finally:
         restore(repo)
+
+
+def test_plots_show_renders_offline_html(repo: Path, tmp_path: Path) -> None:
+    sh(["dvc", "plots", "show", "-o", str(tmp_path / "plots")], repo)
+    html = (tmp_path / "plots" / "index.html").read_text()
+    specs = [json.loads(s) for s in re.findall(r"var spec = (\{.*?\});\s*vegaEmbed", html, re.S)]
+    titles = [spec["title"]["text"] if isinstance(spec["title"], dict) else spec["title"] for spec in specs]
+    assert len(specs) >= 3 and "Batch reward and KL to the reference per PPO iteration" in titles
+    assert not re.search(r"<script[^>]*\bsrc=", html)  # no CDN (or any external) script
+    assert "window.vegaEmbed" in html  # the inlined bundle defines what each chart's script calls
+    by_title = dict(zip(titles, specs))
+    reward = [row for row in by_title["Batch reward and KL to the reference per PPO iteration"]["data"]["values"]
+              if "reward_mean" in row]
+    assert [int(row["step"]) for row in reward] == [1, 2]
+    for row in reward:
+        logged = json.loads((repo / f"metrics/iters/{row['step']}.json").read_text())["env/reward_mean"]
+        assert float(row["reward_mean"]) == pytest.approx(logged)
+    samples = by_title["Held-out samples before and after PPO"]["data"]["values"]
+    assert len(samples) == TINY_PARAMS["evaluate"]["samples"] and {"query", "response_after"} <= set(samples[0])
 
 
 def test_adding_an_iteration_runs_only_its_stages(repo: Path) -> None:
@@ -97,9 +127,11 @@ def test_adding_an_iteration_runs_only_its_stages(repo: Path) -> None:
 
 
 def test_forced_rerun_is_bit_identical(repo: Path) -> None:
-    before = out_hashes(repo)
+    before, metrics_before = out_hashes(repo), timeless_metrics(repo)
+    assert len(before) == 8 + 4 * len(TINY_PARAMS["iters"])  # every output but the wall-clock ones
     sh(["dvc", "repro", "--force"], repo)
     assert out_hashes(repo) == before
+    assert timeless_metrics(repo) == metrics_before
 
 
 @pytest.mark.parametrize(("key", "value", "readers"), [
