@@ -96,7 +96,12 @@ def main() -> None:
                     help="torch threads for every contender (1: robust to other load on a shared machine)")
     ap.add_argument("--skip", default="", help="comma list of contenders to skip: trl,ours,dvc,dvc_cold")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results.json"))
+    ap.add_argument("--readme-from", help="only rewrite the README table from this results file")
     args = ap.parse_args()
+    if args.readme_from:
+        res = json.loads(Path(args.readme_from).read_text())
+        write_readme_table(markdown_table(res["table"], res["matmul_gflops"]))
+        return
     skip = set(filter(None, args.skip.split(",")))
     sizes = [int(x) for x in args.batch_sizes.split(",")]
     total = args.warmup + args.iters
@@ -230,12 +235,16 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     table = markdown_table(rows, gflops)
     print(table)
-    if Path(args.out).resolve() == (ROOT / "benchmarks/results.json").resolve() and README.is_file():
-        text = README.read_text()
-        if BEGIN in text and END in text:
-            head, rest = text.split(BEGIN, 1)
-            README.write_text(head + BEGIN + "\n" + table + "\n" + END + rest.split(END, 1)[1])
+    if Path(args.out).resolve() == (ROOT / "benchmarks/results.json").resolve():
+        write_readme_table(table)
     log(f"wrote {args.out} in {results['bench_wall_s']:.0f}s")
+
+
+def write_readme_table(table: str) -> None:
+    text = README.read_text() if README.is_file() else ""
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        README.write_text(head + BEGIN + "\n" + table + "\n" + END + rest.split(END, 1)[1])
 
 
 def markdown_table(rows: list[dict], gflops: float) -> str:
@@ -256,6 +265,16 @@ def markdown_table(rows: list[dict], gflops: float) -> str:
             f"| {'/'.join(f(st.get(k)) for k in stages) if st else '–'} "
             f"| {'/'.join(f(rss.get(k), '{:.0f}') for k in stages) if rss else '–'} "
             f"| {f(r.get('dvc_cache_bytes_per_iter', None) and r['dvc_cache_bytes_per_iter'] / 2**20)} |")
+    for r in rows:
+        if r.get("dvc_cold_s_per_iter"):
+            st = r["dvc_cold_stage_s"]
+            lines.append(f"\nWithout the warm worker (`MINICHATGPT_WORKER=0`, every stage a cold process), batch "
+                         f"{r['batch_size']}: **{r['dvc_cold_s_per_iter']:.2f} s/iter, {f(r.get('dvc_cold_vs_trl'))} x "
+                         f"TRL** (stages {'/'.join(f(st.get(k)) for k in stages)} s).")
+    over = [f"{r['batch_size']}: {r['dvc_overhead_s']:.1f} s" for r in rows if "dvc_overhead_s" in r]
+    if over:
+        lines.append("\nDVC and process overhead per iteration (dvc wall time minus the stages' own time): "
+                     + ", ".join(over) + ".")
     lines.append(f"\nmatmul throughput used for the FLOP bound: {gflops:.1f} GFLOP/s (fp32).")
     return "\n".join(lines)
 

@@ -285,64 +285,66 @@ def serve(path: Path, idle_s: float) -> None:
     children: dict[int, socket.socket] = {}
     last = time.monotonic()
     accepting = True
-    while True:
-        for key, _ in sel.select(timeout=0.02 if children else 1.0):
-            if key.fileobj is listener:
-                conn, _ = listener.accept()
-                try:
-                    request, fds = _recv_request(conn)
-                except (OSError, ValueError):
-                    conn.close()
-                    continue
-                if _sources() != snapshot:  # code changed under us: let the client run it cold
-                    accepting = False
-                    conn.sendall(b'{"stale": true}\n')
-                    conn.close()
+    try:
+        while True:
+            for key, _ in sel.select(timeout=0.02 if children else 1.0):
+                if key.fileobj is listener:
+                    conn, _ = listener.accept()
+                    try:
+                        request, fds = _recv_request(conn)
+                    except (OSError, ValueError):
+                        conn.close()
+                        continue
+                    if _sources() != snapshot:  # code changed under us: let the client run it cold
+                        accepting = False
+                        conn.sendall(b'{"stale": true}\n')
+                        conn.close()
+                        for fd in fds:
+                            os.close(fd)
+                        continue
+                    pid = os.fork()
+                    if pid == 0:
+                        _child(request, fds, [listener, conn, *children.values()])
                     for fd in fds:
                         os.close(fd)
-                    continue
-                pid = os.fork()
+                    children[pid] = conn
+                    sel.register(conn, selectors.EVENT_READ, pid)
+                    last = time.monotonic()
+                else:  # the stage process hung up or was killed: so is its child
+                    if not key.fileobj.recv(1):
+                        try:
+                            os.kill(key.data, signal.SIGKILL)
+                        except ProcessLookupError:
+                            pass
+                        sel.unregister(key.fileobj)
+            while children:
+                pid, status, usage = os.wait4(-1, os.WNOHANG)
                 if pid == 0:
-                    _child(request, fds, [listener, conn, *children.values()])
-                for fd in fds:
-                    os.close(fd)
-                children[pid] = conn
-                sel.register(conn, selectors.EVENT_READ, pid)
+                    break
+                conn = children.pop(pid)
+                code = os.waitstatus_to_exitcode(status)
+                if code < 0:  # killed by a signal: exit as a shell reports it
+                    code = 128 - code
+                try:
+                    conn.sendall(json.dumps({"code": code, "maxrss_kb": usage.ru_maxrss}).encode() + b"\n")
+                except OSError:
+                    pass
+                try:
+                    sel.unregister(conn)
+                except (KeyError, ValueError):
+                    pass
+                conn.close()
                 last = time.monotonic()
-            else:  # the stage process hung up or was killed: so is its child
-                if not key.fileobj.recv(1):
-                    try:
-                        os.kill(key.data, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-                    sel.unregister(key.fileobj)
-        while children:
-            pid, status, usage = os.wait4(-1, os.WNOHANG)
-            if pid == 0:
+            if accepting is False:
+                _unlink_own(path, inode)
+                sel.unregister(listener)
+                listener.close()
+                accepting = None  # type: ignore[assignment]
+            if not children and (accepting is None or time.monotonic() - last > idle_s):
                 break
-            conn = children.pop(pid)
-            code = os.waitstatus_to_exitcode(status)
-            if code < 0:  # killed by a signal: exit as a shell reports it
-                code = 128 - code
-            try:
-                conn.sendall(json.dumps({"code": code, "maxrss_kb": usage.ru_maxrss}).encode() + b"\n")
-            except OSError:
-                pass
-            try:
-                sel.unregister(conn)
-            except (KeyError, ValueError):
-                pass
-            conn.close()
-            last = time.monotonic()
-        if accepting is False:
+    finally:  # idle, stale, or SIGTERM: give the name back unless a newer worker holds it
+        if accepting is not None:
             _unlink_own(path, inode)
-            sel.unregister(listener)
-            listener.close()
-            accepting = None  # type: ignore[assignment]
-        if not children and (accepting is None or time.monotonic() - last > idle_s):
-            break
-    if accepting:
-        _unlink_own(path, inode)
 
 
 def _unlink_own(path: Path, inode: int) -> None:
@@ -354,8 +356,15 @@ def _unlink_own(path: Path, inode: int) -> None:
         pass
 
 
+def _terminate(signum, frame) -> None:  # noqa: ARG001 - signal handler signature
+    raise SystemExit(0)
+
+
 if __name__ == "__main__":
+    import signal as _signal
+
     sock_path, package = Path(sys.argv[1]), Path(sys.argv[2])
     if package != PACKAGE:  # resolved another copy of the package than the client's
         sys.exit(0)
+    _signal.signal(_signal.SIGTERM, _terminate)  # children reset it; the worker removes its socket name
     serve(sock_path, float(os.environ.get("MINICHATGPT_WORKER_IDLE", "300")))
