@@ -87,6 +87,19 @@ def median(xs: list[float]) -> float:
     return float(statistics.median(xs))
 
 
+STAGES = ("rollout", "score", "advantages", "update")
+
+
+def dvc_columns(prefix: str, measured: list[dict]) -> dict:
+    """Median seconds per iteration and per stage, and peak stage RSS, of one dvc contender."""
+    return {
+        f"{prefix}_s_per_iter": median([x["s"] for x in measured]),
+        f"{prefix}_stage_s": {k: median([x["stages_s"].get(k, 0.0) for x in measured]) for k in STAGES},
+        f"{prefix}_stage_peak_rss_mb": {k: max(x["stage_peak_rss_mb"].get(k, 0.0) for x in measured)
+                                        for k in STAGES},
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch-sizes", default="64,128,256")
@@ -176,24 +189,15 @@ def main() -> None:
             row["inprocess_peak_rss_mb"] = det["ours_worker"]["peak_rss_mb"]
         if "dvc" in measured:
             m = measured["dvc"]
-            row["dvc_s_per_iter"] = median([x["s"] for x in m])
-            row["dvc_stage_s"] = {k: median([x["stages_s"].get(k, 0.0) for x in m])
-                                  for k in ("rollout", "score", "advantages", "update")}
-            row["dvc_stage_peak_rss_mb"] = {k: max(x["stage_peak_rss_mb"].get(k, 0.0) for x in m)
-                                            for k in ("rollout", "score", "advantages", "update")}
+            row |= dvc_columns("dvc", m)
             row["dvc_cache_bytes_per_iter"] = int(median([x["cache_bytes_added"] for x in m]))
             # what the stage code itself took (run() to outputs fsynced) vs everything else:
             # process start, DVC's own start, status checks, hashing, caching and dvc.lock writes
             row["dvc_stage_inside_s"] = {k: median([x["stage_inside_s"].get(k, 0.0) for x in m])
-                                         for k in ("rollout", "score", "advantages", "update")}
+                                         for k in STAGES}
             row["dvc_overhead_s"] = row["dvc_s_per_iter"] - sum(row["dvc_stage_inside_s"].values())
         if "dvc_cold" in measured:
-            m = measured["dvc_cold"]
-            row["dvc_cold_s_per_iter"] = median([x["s"] for x in m])
-            row["dvc_cold_stage_s"] = {k: median([x["stages_s"].get(k, 0.0) for x in m])
-                                       for k in ("rollout", "score", "advantages", "update")}
-            row["dvc_cold_stage_peak_rss_mb"] = {k: max(x["stage_peak_rss_mb"].get(k, 0.0) for x in m)
-                                                 for k in ("rollout", "score", "advantages", "update")}
+            row |= dvc_columns("dvc_cold", measured["dvc_cold"])
         for c in ("ours", "dvc", "dvc_cold"):
             if "trl" in measured and c in measured:
                 # per-iteration ratios (contenders ran back to back) are steadier than ratios of medians
@@ -251,7 +255,6 @@ def markdown_table(rows: list[dict], gflops: float) -> str:
     def f(x, fmt="{:.2f}"):
         return fmt.format(x) if isinstance(x, (int, float)) else "–"
 
-    stages = ("rollout", "score", "advantages", "update")
     lines = ["| batch | TRL s/iter | in-process s/iter | dvc repro s/iter | FLOP bound s/iter | in-process ÷ TRL "
              "| dvc ÷ TRL | dvc stages rollout/score/adv/update s | stage peak RSS MB | DVC cache MB/iter |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -262,15 +265,15 @@ def markdown_table(rows: list[dict], gflops: float) -> str:
             f"| {r['batch_size']} | {f(r.get('trl_s_per_iter'))} | {f(r.get('inprocess_s_per_iter'))} "
             f"| {f(r.get('dvc_s_per_iter'))} | {f(r.get('flop_bound_s_per_iter'))} "
             f"| {f(r.get('inprocess_vs_trl'))} | {f(r.get('dvc_vs_trl'))} "
-            f"| {'/'.join(f(st.get(k)) for k in stages) if st else '–'} "
-            f"| {'/'.join(f(rss.get(k), '{:.0f}') for k in stages) if rss else '–'} "
+            f"| {'/'.join(f(st.get(k)) for k in STAGES) if st else '–'} "
+            f"| {'/'.join(f(rss.get(k), '{:.0f}') for k in STAGES) if rss else '–'} "
             f"| {f(r.get('dvc_cache_bytes_per_iter', None) and r['dvc_cache_bytes_per_iter'] / 2**20)} |")
     for r in rows:
         if r.get("dvc_cold_s_per_iter"):
             st = r["dvc_cold_stage_s"]
             lines.append(f"\nWithout the warm worker (`MINICHATGPT_WORKER=0`, every stage a cold process), batch "
                          f"{r['batch_size']}: **{r['dvc_cold_s_per_iter']:.2f} s/iter, {f(r.get('dvc_cold_vs_trl'))} x "
-                         f"TRL** (stages {'/'.join(f(st.get(k)) for k in stages)} s).")
+                         f"TRL** (stages {'/'.join(f(st.get(k)) for k in STAGES)} s).")
     over = [f"{r['batch_size']}: {r['dvc_overhead_s']:.1f} s" for r in rows if "dvc_overhead_s" in r]
     if over:
         lines.append("\nDVC and process overhead per iteration (dvc wall time minus the stages' own time): "

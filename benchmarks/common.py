@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -252,3 +253,24 @@ def timed_dvc_repro(repo: Path, target: str, threads: int, extra_env: dict | Non
         stages[name.split("@")[0]] = nxt - t
     return {"s": end - start, "stages_s": stages, "stage_inside_s": inside,
             "stage_peak_rss_mb": {k: v / 2**20 for k, v in rss.items()}}
+
+
+def emit(obj: dict) -> None:
+    """One result line of the lockstep protocol (the contenders' side)."""
+    sys.stdout.write("RESULT " + json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def serve_lockstep(work: dict, import_s: float, probed: dict | None, step) -> None:
+    """The contenders' side of bench.py's lockstep protocol: a ready line, then one RESULT line per
+    command on stdin (``step(spec, cmd)`` for a step; peak RSS, then exit, for anything else).
+
+    Stdlib only: both the TRL venv and ours import this file."""
+    emit({"ready": True, "import_s": import_s, "probe": probed})
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd["cmd"] == "step":
+            emit(step(work["runs"][0]["iterations"][cmd["index"]], cmd))
+        else:
+            emit({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+            return

@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import sys
 import time
 from pathlib import Path
 
@@ -95,28 +93,18 @@ def probe(runner: Runner, ids: list[int]) -> dict:
                 "reward": float(runner.reward.score([text])[0])}
 
 
-def emit(obj: dict) -> None:
-    sys.stdout.write("RESULT " + json.dumps(obj) + "\n")
-    sys.stdout.flush()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("workload")
     ap.add_argument("--profile", help="cProfile summary of steps sent with profile: true")
     args = ap.parse_args()
     work = json.loads(Path(args.workload).read_text())
+    from common import serve_lockstep
+
     runner = Runner(work, work["runs"][0])
     checked = probe(runner, work["probe_ids"]) if work.get("probe_ids") else None
-    emit({"ready": True, "import_s": runner.import_s, "probe": checked})
-    for line in sys.stdin:
-        cmd = json.loads(line)
-        if cmd["cmd"] == "step":
-            spec = work["runs"][0]["iterations"][cmd["index"]]
-            emit(runner.step(spec, args.profile if cmd.get("profile") else None))
-        else:
-            emit({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
-            return
+    serve_lockstep(work, runner.import_s, checked,
+                   lambda spec, cmd: runner.step(spec, args.profile if cmd.get("profile") else None))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 import time
 import warnings
@@ -149,21 +148,11 @@ def probe(runner: Runner, ids: list[int]) -> dict:
 
 def serve(work: dict) -> None:
     """Lockstep protocol with benchmarks/bench.py: one JSON line per command on stdout."""
+    from common import serve_lockstep
+
     runner = Runner(work, work["runs"][0])
     checked = probe(runner, work["probe_ids"]) if work.get("probe_ids") else None
-    emit({"ready": True, "import_s": runner.import_s, "probe": checked})
-    for line in sys.stdin:
-        cmd = json.loads(line)
-        if cmd["cmd"] == "step":
-            emit(runner.step(work["runs"][0]["iterations"][cmd["index"]]))
-        else:
-            emit({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
-            return
-
-
-def emit(obj: dict) -> None:
-    sys.stdout.write("RESULT " + json.dumps(obj) + "\n")
-    sys.stdout.flush()
+    serve_lockstep(work, runner.import_s, checked, lambda spec, cmd: runner.step(spec))
 
 
 if __name__ == "__main__":
