@@ -44,12 +44,8 @@ def load_reviews(path: str | Path | None = None) -> pa.Table:
     for name in ("text", "label"):
         if name not in table.column_names:
             raise ValueError(f"{path}: missing column {name!r}; expected columns text,label[,source]")
-    texts = [clean_text(t or "") for t in table["text"].to_pylist()]
-    labels = table["label"].to_pylist()
-    sources = table["source"].to_pylist() if "source" in table.column_names else ["imdb"] * len(texts)
-    if any(v not in (0, 1) for v in labels):
-        raise ValueError(f"{path}: column 'label' must hold 0 or 1")
-    return pa.table({"text": texts, "label": pa.array(labels, pa.int8()), "source": sources})
+    sources = table["source"].to_pylist() if "source" in table.column_names else ["imdb"] * table.num_rows
+    return _reviews_table(table["text"].to_pylist(), table["label"].to_pylist(), sources, str(path))
 
 
 def load_dataset_reviews(ref: str) -> pa.Table:
@@ -68,11 +64,15 @@ def load_dataset_reviews(ref: str) -> pa.Table:
     missing = {"text", "label"} - set(ds.column_names)
     if missing:
         raise ValueError(f"data.dataset={ref!r}: missing column(s) {sorted(missing)}; has {ds.column_names}")
-    texts = [clean_text(t or "") for t in ds["text"]]
-    labels = list(ds["label"])
+    return _reviews_table(ds["text"], list(ds["label"]), ["dataset"] * ds.num_rows, f"data.dataset={ref!r}")
+
+
+def _reviews_table(texts: list[str | None], labels: list, sources: list[str], where: str) -> pa.Table:
+    """Cleaned texts with 0/1 labels; ``where`` names the input in the error."""
     if any(v not in (0, 1) for v in labels):
-        raise ValueError(f"data.dataset={ref!r}: column 'label' must hold 0 or 1")
-    return pa.table({"text": texts, "label": pa.array(labels, pa.int8()), "source": ["dataset"] * len(texts)})
+        raise ValueError(f"{where}: column 'label' must hold 0 or 1")
+    cleaned = [clean_text(t or "") for t in texts]
+    return pa.table({"text": cleaned, "label": pa.array(labels, pa.int8()), "source": sources})
 
 
 def split_corpus(reviews: pa.Table, params: DataParams) -> tuple[pa.Table, pa.Table]:

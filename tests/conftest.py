@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from minichatgpt.report import write_offline_html_template
+from minichatgpt.report import offline_html_template
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,6 +69,10 @@ def timeless_metrics(repo: Path) -> dict[str, object]:
     return out
 
 
+_offline_page = functools.cache(offline_html_template)
+"""bundling Vega takes ~2 s: once per test session, not once per repository"""
+
+
 def make_pipeline_repo(dest: Path, params: dict) -> Path:
     """A git + DVC repository holding this project's pipeline and the given params."""
     dest.mkdir(parents=True, exist_ok=True)
@@ -82,7 +87,7 @@ def make_pipeline_repo(dest: Path, params: dict) -> Path:
     # the project's plot templates and offline page, as a clone of this repository has them
     shutil.copytree(ROOT / ".dvc" / "plots", dest / ".dvc" / "plots", dirs_exist_ok=True,
                     ignore=shutil.ignore_patterns("offline.html"))
-    write_offline_html_template(dest / ".dvc" / "plots" / "offline.html")
+    (dest / ".dvc" / "plots" / "offline.html").write_text(_offline_page(), encoding="utf-8")
     shutil.copy(ROOT / ".dvc" / ".gitignore", dest / ".dvc" / ".gitignore")
     sh(["dvc", "config", "plots.html_template", "plots/offline.html"], dest)
     sh(["git", "add", "-A"], dest)

@@ -15,7 +15,7 @@ from tests.conftest import TINY_PARAMS, make_pipeline_repo, sh
 pytestmark = pytest.mark.e2e
 
 
-def test_lora_pipeline_checkpoints_hold_adapters_over_the_base(tmp_path: Path) -> None:
+def test_lora_pipeline_checkpoints_hold_adapters_over_the_base(tmp_path: Path, monkeypatch) -> None:
     params = json.loads(json.dumps(TINY_PARAMS))
     params["lora"] = {"r": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": "auto"}
     repo = make_pipeline_repo(tmp_path / "repo", params)
@@ -34,15 +34,9 @@ def test_lora_pipeline_checkpoints_hold_adapters_over_the_base(tmp_path: Path) -
     base_params = sum(t.numel() for t in load_file(repo / "checkpoints/0/model.safetensors").values())
     assert 0 < metrics["ppo/trainable_parameters"] < 0.2 * base_params
     # the merged policy differs from the base only through the adapters
-    import os
-
-    cwd = os.getcwd()
-    os.chdir(repo)  # source.json names the base relative to the project root, as stages run
-    try:
-        merged, _, state = load_policy("checkpoints/2", seed=0)
-        base, _, _ = load_policy("checkpoints/0", seed=0)
-    finally:
-        os.chdir(cwd)
+    monkeypatch.chdir(repo)  # source.json names the base relative to the project root, as stages run
+    merged, _, state = load_policy("checkpoints/2", seed=0)
+    base, _, _ = load_policy("checkpoints/0", seed=0)
     assert state["iteration"] == 2
     changed = [n for n, p in merged.pretrained_model.named_parameters()
                if not torch.equal(p, dict(base.pretrained_model.named_parameters())[n])]
