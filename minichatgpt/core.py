@@ -113,6 +113,41 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits, dim=-1) - (pd * logits).sum(dim=-1)
 
 
+class _LabelLogprobs(torch.autograd.Function):
+    """Label log-probability and entropy from one softmax pass (see :func:`logprobs_and_entropy`)."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        top = logits.amax(-1, keepdim=True)
+        probs = (logits - top).exp_()
+        total = probs.sum(-1, keepdim=True)
+        lse = (top + total.log()).squeeze(-1)
+        probs.div_(total)
+        logp = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - lse
+        entropy = lse - (probs * logits).sum(-1)
+        ctx.save_for_backward(probs, labels)
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp: torch.Tensor, _grad_entropy: torch.Tensor) -> tuple[torch.Tensor, None]:
+        probs, labels = ctx.saved_tensors
+        grad = probs * -grad_logp.unsqueeze(-1)  # d logp_y / d logits = onehot(y) - softmax
+        grad.scatter_add_(-1, labels.unsqueeze(-1), grad_logp.unsqueeze(-1))
+        return grad, None
+
+
+def logprobs_and_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logprobs_from_logits, entropy_from_logits)`` of ``[N, V]`` logits in one softmax pass.
+
+    Over a large vocabulary the separate log-softmax, its backward and the entropy's
+    softmax cost as much as the output projection on CPU; this reads the logits for one
+    ``exp`` and keeps the softmax for the backward. Only the log-probabilities carry a
+    gradient (the entropy is a statistic, as in TRL).
+    """
+    return _LabelLogprobs.apply(logits.float(), labels)
+
+
 def kl_penalty(
     logprobs: torch.Tensor,
     ref_logprobs: torch.Tensor,

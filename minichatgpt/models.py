@@ -102,12 +102,25 @@ def _cache_kwarg(model: nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def use_fused_activations(model: nn.Module) -> nn.Module:
+    """Swap transformers' Python tanh-GELU (``gelu_new``: GPT-2, GPT-Neo, ...) for PyTorch's fused
+    kernel of the same formula: one op forward and backward instead of eight (outputs agree to
+    ~2e-7). A seventh of a small policy's PPO step on CPU went to the Python version."""
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is NewGELUActivation:
+                setattr(module, name, GELUTanh())
+    return model
+
+
 class PolicyWithValueHead(nn.Module):
     """A causal LM with a scalar value head on its last hidden state (TRL's design)."""
 
     def __init__(self, lm: nn.Module, seed: int = 0):
         super().__init__()
-        self.pretrained_model = lm
+        self.pretrained_model = use_fused_activations(lm)
         hidden = lm.config.hidden_size if hasattr(lm.config, "hidden_size") else lm.config.n_embd
         gen = torch.Generator().manual_seed(seed)
         self.v_head = nn.Linear(hidden, 1)
@@ -176,7 +189,7 @@ def load_causal_lm(ref: str | Path) -> nn.Module:
         model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=False, dtype=torch.float32, **extra)
     except (OSError, ValueError) as err:
         raise ModelError(f"policy {name}: cannot be loaded: {err}") from None
-    return model.eval()
+    return use_fused_activations(model).eval()
 
 
 def dequantized(model: nn.Module) -> nn.Module:

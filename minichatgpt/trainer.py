@@ -18,7 +18,7 @@ import torch
 from minichatgpt import iteration
 from minichatgpt.core import RunningMoments, gae, kl_controller, kl_penalty, per_token_rewards, whiten
 from minichatgpt.models import PolicyWithValueHead
-from minichatgpt.ppo import ppo_loss, ppo_update
+from minichatgpt.ppo import adam, ppo_loss, ppo_update
 from minichatgpt.rollout import forward_responses, generate, pack
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ class PPOTrainer:
         self.params = config.ppo_params()
         self.model, self.ref_model, self.tokenizer = model, ref_model.eval(), tokenizer
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
-        self.optimizer = optimizer or torch.optim.Adam(model.parameters(), lr=self.params.learning_rate)
+        self.optimizer = optimizer or adam(list(model.parameters()), self.params.learning_rate)
         self.kl_ctl = kl_controller(self.params.adap_kl_ctrl, self.params.init_kl_coef, self.params.target,
                                     self.params.horizon)
         self.current_step = 0

@@ -35,7 +35,7 @@ def main() -> dict:
     from minichatgpt.iteration import batch_from_table, batch_stats, current_kl_coef, next_kl_coef, processed_scores
     from minichatgpt.models import ModelError, add_lora, load_optimizer_state, load_policy, save_policy
     from minichatgpt.parallel import current_world
-    from minichatgpt.ppo import ppo_update
+    from minichatgpt.ppo import adam, ppo_update
 
     world = current_world()
 
@@ -47,7 +47,7 @@ def main() -> dict:
         raise ModelError(f"{args.policy}: holds LoRA adapters of rank {adapters['default'].r} but lora.r={lora.r}; "
                          "start a new chain from checkpoints/0 to change it")
     trainable = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(trainable, lr=ppo.learning_rate)
+    optimizer = adam(trainable, ppo.learning_rate)
     load_optimizer_state(optimizer, Path(args.policy))
     generator = torch.Generator().manual_seed(stage_seed(ppo.seed, "update", args.iter))
     optimize_start = time.perf_counter()

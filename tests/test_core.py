@@ -279,6 +279,28 @@ def test_logprobs_and_entropy_match_plain_math():
             assert ent[b, i].item() == pytest.approx(-sum(pi * math.log(pi) for pi in p), abs=1e-5)
 
 
+def test_fused_logprobs_and_entropy_match_the_separate_functions_and_their_gradient():
+    from minichatgpt.core import logprobs_and_entropy
+
+    gen = torch.Generator().manual_seed(3)
+    logits = (torch.randn(7, 11, generator=gen) * 4).requires_grad_(True)
+    labels = torch.randint(0, 11, (7,), generator=gen)
+    weights = torch.randn(7, generator=gen)  # an arbitrary upstream gradient per token
+    lp, ent = logprobs_and_entropy(logits, labels)
+    assert not ent.requires_grad  # a statistic: no graph through the entropy
+    (grad,) = torch.autograd.grad((lp * weights).sum(), logits)
+    ref_lp = logprobs_from_logits(logits, labels)
+    (ref_grad,) = torch.autograd.grad((ref_lp * weights).sum(), logits)
+    assert torch.allclose(lp, ref_lp, atol=1e-6)
+    assert torch.allclose(ent, entropy_from_logits(logits.detach()), atol=1e-5)
+    assert torch.allclose(grad, ref_grad, atol=1e-6)
+    # hand check of one row: d logp_y / d logit_j = [j == y] - softmax_j
+    p0 = torch.softmax(logits[0].detach(), -1)
+    expected = -p0 * weights[0]
+    expected[labels[0]] += weights[0]
+    assert torch.allclose(grad[0], expected, atol=1e-6)
+
+
 def test_adaptive_kl_controller():
     # e = clip(KL/6 - 1, -0.2, 0.2); beta *= 1 + e * 256 / 10000
     ctl = AdaptiveKLController(0.2, 6.0, 10000.0)

@@ -7,6 +7,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from minichatgpt.models import PolicyWithValueHead
+from minichatgpt import rollout
 from minichatgpt.rollout import forward_responses, generate, pack
 
 VOCAB, EOS = 50, 0
@@ -82,3 +83,77 @@ def test_sample_tokens_follows_the_distribution_and_never_draws_a_zero_probabili
     assert freq.tolist() == pytest.approx(probs.tolist(), abs=0.01)
     again = sample_tokens(logp, torch.Generator().manual_seed(0))
     assert torch.equal(tokens, again)
+
+
+def _ragged(seed: int, n: int) -> tuple[list[list[int]], list[list[int]]]:
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 12, (n, 2), generator=gen).tolist()
+    queries = [torch.randint(1, VOCAB, (a,), generator=gen).tolist() for a, _ in lengths]
+    responses = [torch.randint(1, VOCAB, (b,), generator=gen).tolist() for _, b in lengths]
+    return queries, responses
+
+
+def _numbers_and_gradients(policy, batch) -> tuple[dict, list[torch.Tensor]]:
+    policy.zero_grad(set_to_none=True)
+    out = forward_responses(policy, batch, with_entropy=True)
+    mask = batch["response_mask"]
+    ((out["logprobs"] * mask).sum() + (out["values"] * mask).pow(2).sum()).backward()
+    grads = [p.grad.clone() for p in policy.parameters()]
+    real = mask.bool()
+    return {k: out[k][real].detach() for k in ("logprobs", "values", "entropy")}, grads
+
+
+def test_packed_rows_give_the_padded_numbers_and_gradients(policy, monkeypatch) -> None:
+    queries, responses = _ragged(5, 9)
+    batch = pack(queries, responses, EOS)
+    assert rollout._packing_ok(policy)
+    tight = rollout.packed(batch, EOS)
+    assert tight["input_ids"].numel() < batch["input_ids"].numel()  # fewer tokens than padded
+    packed_out, packed_grads = _numbers_and_gradients(policy, batch)
+    monkeypatch.setitem(rollout._PACKING_OK, type(policy.pretrained_model), False)
+    padded_out, padded_grads = _numbers_and_gradients(policy, batch)
+    for key in packed_out:
+        assert torch.allclose(packed_out[key], padded_out[key], atol=1e-5), key
+    for a, b in zip(packed_grads, padded_grads):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_bins_hold_every_row_once_within_twice_the_longest() -> None:
+    lengths = [7, 3, 12, 12, 1, 5, 9, 2, 11, 4]
+    groups = rollout._bins(lengths)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in g) <= 2 * max(lengths) for g in groups)
+    assert len(groups) < len(lengths)
+
+
+def test_a_model_that_ignores_position_ids_keeps_the_padded_path() -> None:
+    class NoPacking(GPT2LMHeadModel):
+        def forward(self, *args, position_ids=None, **kwargs):  # drops the packed layout's positions
+            return super().forward(*args, **kwargs)
+
+    torch.manual_seed(1)
+    config = GPT2Config(vocab_size=VOCAB, n_layer=1, n_head=2, n_embd=16, n_positions=64, resid_pdrop=0,
+                        embd_pdrop=0, attn_pdrop=0)
+    model = PolicyWithValueHead(NoPacking(config), seed=0).eval()
+    assert not rollout._packing_ok(model)
+    queries, responses = [[1, 2, 3], [4]], [[5, 6], [7, 8, 9, 10]]
+    res = forward_responses(model, pack(queries, responses, EOS))
+    for i, (q, r) in enumerate(zip(queries, responses)):
+        ref_logp, _ = solo_forward(model, q, r)
+        assert res["logprobs"][i, : len(r)].tolist() == pytest.approx(ref_logp, abs=1e-5)
+
+
+def test_fused_activation_swap_keeps_the_model_outputs() -> None:
+    from transformers.activations import NewGELUActivation
+
+    from minichatgpt.models import use_fused_activations
+
+    torch.manual_seed(2)
+    config = GPT2Config(vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=16, n_positions=64)
+    plain = GPT2LMHeadModel(config).eval()
+    fused = use_fused_activations(GPT2LMHeadModel(config).eval())
+    fused.load_state_dict(plain.state_dict())
+    assert any(isinstance(m, NewGELUActivation) for m in plain.modules())
+    assert not any(isinstance(m, NewGELUActivation) for m in fused.modules())
+    ids = torch.randint(0, VOCAB, (3, 9))
+    assert torch.allclose(plain(ids).logits, fused(ids).logits, atol=1e-5)
