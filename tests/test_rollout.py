@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from minichatgpt.models import PolicyWithValueHead
 from minichatgpt import rollout
+from minichatgpt.models import PolicyWithValueHead
 from minichatgpt.rollout import forward_responses, generate, pack
 
 VOCAB, EOS = 50, 0
