@@ -230,17 +230,27 @@ def _run(model: torch.nn.Module, ids: torch.Tensor, **kwargs) -> tuple[torch.Ten
     return model(input_ids=ids, use_cache=False, **kwargs).logits, None
 
 
+class _PackedRowsFilter(logging.Filter):
+    """Packed rows carry no attention mask by design; transformers' 'input_ids may be padded'
+    warning (it sees EOS at a row's end) would only mislead, so it is dropped while they run."""
+
+    active = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (self.active and "attention_mask" in record.getMessage())
+
+
+_PACKED_ROWS = _PackedRowsFilter()
+logging.getLogger("transformers.modeling_utils").addFilter(_PACKED_ROWS)
+
+
 @contextlib.contextmanager
 def _no_padding_warning():
-    """Packed rows carry no attention mask by design; transformers' 'input_ids may be padded'
-    warning (seeing EOS at a row's end) would only mislead."""
-    logger = logging.getLogger("transformers.modeling_utils")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    _PACKED_ROWS.active = True
     try:
         yield
     finally:
-        logger.setLevel(level)
+        _PACKED_ROWS.active = False
 
 
 def _packed_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], real: torch.Tensor) -> tuple:
@@ -287,15 +297,19 @@ def forward_responses(
     real = batch["response_mask"].bool()
     forward = _packed_forward if _packing_ok(model) else _padded_forward
     flat, targets, values, back = forward(model, batch, real)
-    logp, entropy = logprobs_and_entropy(flat, targets)
+    if with_entropy or with_logits or torch.is_grad_enabled():
+        logp, entropy = logprobs_and_entropy(flat, targets)
+    else:  # scoring passes: one reduction over the vocabulary, nothing kept
+        flat32 = flat.float()
+        logp = flat32.gather(-1, targets[:, None])[:, 0] - torch.logsumexp(flat32, -1)
     if back is not None:  # per-token results back to row-major order
-        logp, entropy = logp[back], entropy[back]
+        logp = logp[back]
         flat = flat[back] if with_logits else flat
     out = {"logprobs": _unflatten(logp, real), "mask": batch["response_mask"]}
     if with_values and values is not None:
         out["values"] = values
     if with_logits or with_entropy:
-        out["entropy"] = _unflatten(entropy, real)
+        out["entropy"] = _unflatten(entropy if back is None else entropy[back], real)
     if with_logits:
         padded = flat.new_zeros((*real.shape, flat.shape[-1]))
         padded[real] = flat

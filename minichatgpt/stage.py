@@ -37,7 +37,10 @@ def parser(name: str, doc: str | None) -> argparse.ArgumentParser:
 def setup_torch(threads: int) -> None:
     import torch
 
+    from minichatgpt.host import keep_freed_memory
+
     torch.set_num_threads(max(1, threads))
+    keep_freed_memory()
     # CPU kernels used here are deterministic for a fixed thread count; not calling
     # torch.use_deterministic_algorithms avoids importing torch._inductor (~2 s per stage).
     from transformers.utils import logging as hf_logging
