@@ -39,13 +39,15 @@ KEY_ENV = ("HF_", "TRANSFORMERS", "TORCH", "OMP_", "MKL_", "KMP_", "OPENBLAS", "
            "LD_", "MINICHATGPT", "NUMEXPR", "XDG_CACHE")
 """environment read at import time by the libraries: a worker only serves clients with the same values."""
 PRELOAD = (
-    "numpy", "pyarrow", "pyarrow.parquet", "yaml", "torch", "safetensors.torch", "tqdm.auto", "tokenizers",
+    # pq.read_table goes through pyarrow.dataset and imports pandas: 0.3 s in every stage child if not here
+    "numpy", "pyarrow", "pyarrow.parquet", "pyarrow.dataset", "pyarrow.compute", "pyarrow.pandas_compat", "pandas",
+    "yaml", "torch", "torch.profiler", "safetensors.torch", "tqdm.auto", "tokenizers",
     "transformers", "transformers.models.auto.modeling_auto", "transformers.models.gpt2.modeling_gpt2",
     "transformers.models.bert.modeling_bert", "transformers.tokenization_utils_fast",
     "transformers.models.auto.tokenization_auto", "transformers.models.encoder_decoder.configuration_encoder_decoder",
     "minichatgpt.artifacts", "minichatgpt.params", "minichatgpt.seeding", "minichatgpt.core",
     "minichatgpt.models", "minichatgpt.rollout", "minichatgpt.iteration", "minichatgpt.ppo",
-    "minichatgpt.reward", "minichatgpt.evaluation", "minichatgpt.data",
+    "minichatgpt.reward", "minichatgpt.evaluation", "minichatgpt.data", "minichatgpt.stage", "minichatgpt.host",
 )
 
 
