@@ -140,20 +140,19 @@ def generate(
 def pack(queries: list[list[int]], responses: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded ``query+response`` batch plus the gather index of each response token."""
     rows = [q + r for q, r in zip(queries, responses)]
-    width = max(len(r) for r in rows)
+    lengths = torch.tensor([len(r) for r in rows])
+    width = int(lengths.max())
     resp_width = max(len(r) for r in responses)
+    real = torch.arange(width)[None, :] < lengths[:, None]
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[i, : len(row)] = 1
+    ids[real] = torch.tensor([t for row in rows for t in row], dtype=torch.long)  # row-major == concatenated
     qlen = torch.tensor([len(q) for q in queries])
     rlen = torch.tensor([len(r) for r in responses])
     offsets = torch.arange(resp_width)
     # logits at position p predict token p+1: response token k sits at qlen+k
     index = (qlen[:, None] - 1 + offsets[None, :]).clamp(max=width - 2)
     response_mask = (offsets[None, :] < rlen[:, None]).float()
-    return {"input_ids": ids, "attention_mask": mask, "index": index, "response_mask": response_mask}
+    return {"input_ids": ids, "attention_mask": real.long(), "index": index, "response_mask": response_mask}
 
 
 def _bins(lengths: list[int]) -> list[list[int]]:
@@ -181,22 +180,25 @@ def packed(batch: dict[str, torch.Tensor], pad_id: int = 0) -> dict[str, torch.T
     (its packed-sequence format), so every sequence sees exactly what it saw padded, and the
     transformer body runs on about a quarter fewer tokens. ``start`` is each sequence's flat offset.
     """
-    lengths = batch["attention_mask"].sum(-1).tolist()
+    real = batch["attention_mask"].bool()
+    lengths = real.sum(-1).tolist()
     groups = _bins(lengths)
-    width = max(sum(lengths[i] for i in g) for g in groups)
-    ids = torch.full((len(groups), width), pad_id, dtype=torch.long)
-    positions = torch.zeros((len(groups), width), dtype=torch.long)
-    start = torch.zeros(len(lengths), dtype=torch.long)
-    steps = torch.arange(width)
+    order = [i for g in groups for i in g]
+    totals = [sum(lengths[i] for i in g) for g in groups]
+    width = max(totals)
+    start = [0] * len(lengths)
     for g, members in enumerate(groups):
-        offset = 0
+        offset = g * width
         for i in members:
-            n = lengths[i]
-            ids[g, offset : offset + n] = batch["input_ids"][i, :n]
-            positions[g, offset : offset + n] = steps[:n]
-            start[i] = g * width + offset
-            offset += n
-    return {"input_ids": ids, "position_ids": positions, "start": start}
+            start[i] = offset
+            offset += lengths[i]
+    slots = torch.arange(width)[None, :] < torch.tensor(totals)[:, None]  # row-major == placement order
+    placed = real[order]
+    ids = torch.full((len(groups), width), pad_id, dtype=torch.long)
+    ids[slots] = batch["input_ids"][order][placed]
+    positions = torch.zeros((len(groups), width), dtype=torch.long)
+    positions[slots] = torch.arange(real.shape[1]).expand(len(order), -1)[placed]
+    return {"input_ids": ids, "position_ids": positions, "start": torch.tensor(start)}
 
 
 def _packing_ok(model: torch.nn.Module) -> bool:

@@ -11,10 +11,8 @@ PROBE = """
 import resource, sys, torch
 from minichatgpt.host import keep_freed_memory
 tuned = keep_freed_memory() if sys.argv[1] == "1" else False
-def step():
-    logits = torch.empty(310, 8192).normal_()  # the size of one default minibatch's logits
-    probs = torch.softmax(logits, -1)
-    return float(probs.sum())
+def step():  # the reference pass's logits at the default forward_batch_size: ~1250 tokens x 8192
+    return float(torch.empty(1250, 8192).fill_(1.0)[0, 0])
 step()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(20):
@@ -34,8 +32,8 @@ def test_kept_memory_stops_the_page_faults_of_repeated_large_buffers() -> None:
     tuned, with_tuning = faults(True)
     untuned, without = faults(False)
     assert tuned == "True" and untuned == "False"
-    assert without > 10_000  # each 10 MB buffer faults its ~2,500 pages in again
-    assert with_tuning < without / 3, (with_tuning, without)
+    assert without > 20 * 9_000  # glibc maps each 40 MB buffer afresh: ~10,000 page faults per step
+    assert with_tuning < without / 2, (with_tuning, without)
 
 
 def test_the_environment_switch_leaves_the_allocator_alone() -> None:
