@@ -104,7 +104,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch-sizes", default="64,128,256")
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--iters", type=int, default=3, help="measured iterations per batch size and contender")
+    ap.add_argument("--iters", type=int, default=5, help="measured iterations per batch size and contender")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads for every contender (1: robust to other load on a shared machine)")
     ap.add_argument("--skip", default="", help="comma list of contenders to skip: trl,ours,dvc,dvc_cold")
