@@ -67,7 +67,7 @@ def held_out_figures(ckpt: Path, reference, reward, prompts, gen, seed: int) -> 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", default="0,1", help="PPO seeds (ppo.seed) to repeat both runs with")
+    ap.add_argument("--seeds", default="0,1,2,3", help="PPO seeds (ppo.seed) to repeat both runs with")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
