@@ -309,7 +309,7 @@ def forward_responses(
     flat, targets, values, back = forward(model, batch, real)
     if with_entropy or with_logits or torch.is_grad_enabled():
         logp, entropy = logprobs_and_entropy(flat, targets)
-    else:  # scoring passes: one fused log-softmax (a third of logsumexp's time at this size), no entropy
+    else:  # scoring passes: one fused log-softmax (under half the time of logsumexp here), no entropy
         logp = torch.log_softmax(flat.float(), dim=-1).gather(-1, targets[:, None])[:, 0]
     if back is not None:  # per-token results back to row-major order
         logp = logp[back]
