@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from minichatgpt.core import logprobs_and_entropy
+from minichatgpt.core import logprobs_and_entropy, logprobs_from_logits
 from minichatgpt.models import PolicyWithValueHead
 
 
@@ -62,16 +62,12 @@ def _lm_of(model: torch.nn.Module) -> torch.nn.Module:
     return model.pretrained_model if isinstance(model, PolicyWithValueHead) else model
 
 
-def sample_tokens(logp: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One token per row from ``exp(logp)`` by inverting the CDF with one uniform per row.
+def sample_tokens(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One token per row from (unnormalised) ``probs`` by inverting the CDF with one uniform per row.
 
     Several times cheaper than ``torch.multinomial`` over a large vocabulary on CPU; a
     token of probability 0 is never drawn (``u`` is scaled by the CDF's last entry).
     """
-    return _sample_probs(logp.exp(), generator)
-
-
-def _sample_probs(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     cdf = probs.cumsum(-1)
     u = torch.rand((probs.shape[0], 1), generator=generator, dtype=cdf.dtype) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1)[:, 0]
@@ -112,9 +108,9 @@ def generate(
         last = logits[:, -1, :].float()
         probs = torch.softmax(last, dim=-1)  # one pass; a drawn token's probability is never 0
         if top_k or top_p < 1.0:
-            token = _sample_probs(torch.softmax(_filter_logits(last, top_k, top_p), dim=-1), generator)
+            token = sample_tokens(torch.softmax(_filter_logits(last, top_k, top_p), dim=-1), generator)
         else:
-            token = _sample_probs(probs, generator)
+            token = sample_tokens(probs, generator)
         tok[active, step] = token
         lp[active, step] = probs.gather(-1, token[:, None])[:, 0].log()
         vl[active, step] = values[:, -1]
@@ -310,7 +306,7 @@ def forward_responses(
     if with_entropy or with_logits or torch.is_grad_enabled():
         logp, entropy = logprobs_and_entropy(flat, targets)
     else:  # scoring passes: one fused log-softmax (under half the time of logsumexp here), no entropy
-        logp = torch.log_softmax(flat.float(), dim=-1).gather(-1, targets[:, None])[:, 0]
+        logp = logprobs_from_logits(flat, targets)
     if back is not None:  # per-token results back to row-major order
         logp = logp[back]
         flat = flat[back] if with_logits else flat
