@@ -5,7 +5,9 @@ Heavy imports are lazy so that stages needing only pyarrow/numpy start fast.
 
 from __future__ import annotations
 
-from typing import Any
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: every stage process imports this
+if TYPE_CHECKING:
+    from typing import Any
 
 __version__ = "0.1.0"
 __all__ = ["Lab", "PPOTrainer"]

@@ -13,14 +13,13 @@ and file descriptors, so only the ~4 s of imports is skipped. Without a worker
 
 from __future__ import annotations
 
-import argparse
-import logging
 import os
 import sys
-import time
-from collections.abc import Callable
 
-log = logging.getLogger("minichatgpt")
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~4 ms)
+if TYPE_CHECKING:  # the stage process imports no more than it needs to hand itself to the worker
+    import argparse
+    from collections.abc import Callable
 
 USER_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, ValueError, FloatingPointError)
 """Refused input: ParamsError, ArtifactError and ModelError are ValueErrors, and the
@@ -29,6 +28,8 @@ the start-up of stages that do not need it."""
 
 
 def parser(name: str, doc: str | None) -> argparse.ArgumentParser:
+    import argparse
+
     p = argparse.ArgumentParser(prog=f"stages/{name}.py", description=(doc or "").strip().splitlines()[0])
     p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     return p
@@ -59,6 +60,10 @@ def run(name: str, main: Callable[[], dict | None]) -> None:
     code = worker.delegate()
     if code is not None:  # the worker ran this stage to the end (outputs fsynced, or refused input)
         os._exit(code)
+    import logging
+    import time
+
+    log = logging.getLogger("minichatgpt")
     logging.basicConfig(level=logging.INFO, format=f"[{name}] %(message)s", stream=sys.stderr)
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     start = time.perf_counter()
@@ -66,12 +71,10 @@ def run(name: str, main: Callable[[], dict | None]) -> None:
     try:
         summary = main() or {}
         figures = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items())
-        log.info("done in %.1fs %s", time.perf_counter() - start, figures)
+        log.info("done in %.2fs %s", time.perf_counter() - start, figures)
     except USER_ERRORS as err:
         if os.environ.get("MINICHATGPT_DEBUG"):
             raise
         print(f"stage {name}: {err}", file=sys.stderr)
         code = 2
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    worker.finish(code)  # flushes; in a worker child, answers the stage process first

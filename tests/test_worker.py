@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -57,3 +59,77 @@ def test_a_stage_run_by_the_worker_writes_the_bytes_of_a_cold_run_and_refuses_al
     assert refused.returncode == 2
     assert refused.stderr.splitlines()[0].startswith("stage advantages: ") and "ppo.lam=1.5" in refused.stderr
     assert not (tmp_path / "bad.parquet").exists()
+
+
+SCRIPT = '''
+import os, signal, sys, time
+from minichatgpt.stage import parser, run
+
+def main():
+    p = parser("probe", "A stage that reports its pid, then sleeps, dies or returns.")
+    p.add_argument("--mode", required=True)
+    args = p.parse_args()
+    with open("pid." + args.mode, "w") as f:
+        f.write(str(os.getpid()))
+    if args.mode == "sleep":
+        time.sleep(30)
+        open("finished", "w").close()
+    elif args.mode == "die":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return {"mode": args.mode}
+
+if __name__ == "__main__":
+    run("probe", main)
+'''
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}").is_dir() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+
+
+def test_the_worker_kills_the_child_of_a_killed_stage_and_reports_a_child_killed_by_a_signal(tmp_path: Path) -> None:
+    (tmp_path / "probe.py").write_text(SCRIPT)
+    env = env_for(tmp_path)
+
+    def probe(mode: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "probe.py", "--mode", mode], cwd=tmp_path, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    sock = Path(subprocess.run([sys.executable, "-c", "from minichatgpt.worker import socket_path; "
+                                "print(socket_path())"], env=env, capture_output=True, text=True,
+                               check=True).stdout.strip())
+    assert probe("return").wait() == 0  # no worker yet: runs here, starts one
+    deadline = time.monotonic() + 120
+    while not sock.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert sock.exists(), "the worker did not come up"
+    for _ in range(2):  # each request is served by a child forked ahead of time, and replaced
+        served = probe("return")
+        _, err = served.communicate(timeout=60)
+        assert served.returncode == 0 and "[worker] probe.py" in err, err
+        assert int((tmp_path / "pid.return").read_text()) != served.pid  # ran in the worker's child
+
+    stage = probe("sleep")
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "pid.sleep").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child = int((tmp_path / "pid.sleep").read_text())
+    assert child != stage.pid and alive(child)
+    stage.send_signal(signal.SIGTERM)  # e.g. dvc repro interrupted
+    stage.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(child), "the worker left the stage's child running"
+    assert not (tmp_path / "finished").exists()
+
+    died = probe("die")
+    _, err = died.communicate(timeout=60)
+    assert died.returncode == 128 + signal.SIGKILL, err  # as a shell reports a process killed by SIGKILL
+    served = probe("return")  # and the worker still serves the next stage
+    _, err = served.communicate(timeout=60)
+    assert served.returncode == 0 and "[worker] probe.py" in err, err

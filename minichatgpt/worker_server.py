@@ -1,0 +1,302 @@
+"""Warm worker, server side: the long-lived process behind :mod:`minichatgpt.worker`.
+
+It imports torch, transformers and this package once, then keeps one child forked
+ahead of time ("spare") waiting on the socket, so a stage process's request costs
+neither a fork (~25 ms with the libraries mapped) nor the worker's own bookkeeping:
+the spare accepts the connection, checks that the sources it was forked with are
+unchanged, hands the connection to the worker (which forks the next spare meanwhile
+and watches for the stage process going away), and runs the stage.
+
+Run as ``python -m minichatgpt.worker_server SOCKET PACKAGE`` by :func:`minichatgpt.worker.spawn`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import struct
+import sys
+import time
+
+from minichatgpt import worker as client
+from minichatgpt.worker import IN_CHILD, PACKAGE, _spawn_lock
+
+STALE = 75
+"""exit code of a spare that found the sources changed: the worker stops serving"""
+
+PRELOAD = (
+    # pq.read_table goes through pyarrow.dataset and imports pandas: 0.3 s in every stage child if not here
+    "numpy", "pyarrow", "pyarrow.parquet", "pyarrow.dataset", "pyarrow.compute", "pyarrow.pandas_compat", "pandas",
+    "yaml", "torch", "torch.profiler", "safetensors.torch", "tqdm.auto", "tokenizers",
+    "transformers", "transformers.models.auto.modeling_auto", "transformers.models.gpt2.modeling_gpt2",
+    "transformers.models.bert.modeling_bert", "transformers.tokenization_utils_fast",
+    "transformers.models.auto.tokenization_auto", "transformers.models.encoder_decoder.configuration_encoder_decoder",
+    "minichatgpt.artifacts", "minichatgpt.params", "minichatgpt.seeding", "minichatgpt.core",
+    "minichatgpt.models", "minichatgpt.rollout", "minichatgpt.iteration", "minichatgpt.ppo",
+    "minichatgpt.reward", "minichatgpt.evaluation", "minichatgpt.data", "minichatgpt.stage", "minichatgpt.host",
+)
+
+
+def _watched() -> list[str]:
+    """The loaded module files of this package and the entry modules of the libraries."""
+    files = [mod.__file__ for name in ("torch", "transformers", "pyarrow", "numpy")
+             if (mod := sys.modules.get(name)) is not None and getattr(mod, "__file__", None)]
+    files += [file for mod in list(sys.modules.values())
+              if (file := getattr(mod, "__file__", None)) and file.startswith(PACKAGE)]
+    return sorted(set(files))
+
+
+def _stat(files: list[str]) -> list[tuple[int, int]]:
+    """mtime and size of each file (a changed one makes the worker stale)."""
+    out = []
+    for file in files:
+        try:
+            st = os.stat(file)
+            out.append((st.st_mtime_ns, st.st_size))
+        except OSError:
+            out.append((-1, -1))
+    return out
+
+
+def _recv_request(conn: socket.socket) -> tuple[dict, list[int]]:
+    data, fds, _, _ = socket.recv_fds(conn, 1 << 16, 3)
+    if len(data) < 4:
+        raise OSError("short request")
+    (size,) = struct.unpack("!I", data[:4])
+    body = data[4:]
+    while len(body) < size:
+        chunk = conn.recv(size - len(body))
+        if not chunk:
+            raise OSError("request cut short")
+        body += chunk
+    return json.loads(body), list(fds)
+
+
+def _become_stage(request: dict, fds: list[int], conn: socket.socket) -> None:
+    """In a child: become the stage process and run its script; answers ``conn``, never returns."""
+    code = 1
+    try:
+        client._reply_to = conn  # the stage script's run() ends with client.finish(), which answers
+        for target, fd in zip((0, 1, 2), fds):
+            os.dup2(fd, target)
+        for fd in fds:
+            if fd > 2:
+                os.close(fd)
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        os.environ[IN_CHILD] = "1"
+        import runpy
+
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGPIPE):
+            signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
+        script = os.path.abspath(request["argv"][0])
+        sys.argv = list(request["argv"])
+        sys.path[0] = os.path.dirname(script)
+        runpy.run_path(script, run_name="__main__")
+        code = 0
+    except SystemExit as exit_:
+        if isinstance(exit_.code, int) or exit_.code is None:
+            code = exit_.code or 0
+        else:
+            print(exit_.code, file=sys.stderr)
+            code = 1
+    except BaseException:  # noqa: BLE001 - report like an uncaught exception in a process would
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    finally:
+        client.finish(code)
+
+
+def _spare(listener: socket.socket, channel: socket.socket, watched: list[str], snapshot: list, close: list) -> None:
+    """A child forked ahead of time: wait for the next stage process, then become it; never returns."""
+    try:
+        _die_with_parent()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for sock in close:  # the worker's end of the channel and other stages' connections
+            sock.close()
+        conn, _ = listener.accept()
+        listener.close()
+        request, fds = _recv_request(conn)
+        if _stat(watched) != snapshot:  # code changed under the worker: let the client run it cold
+            conn.sendall(b'{"stale": true}\n')
+            os._exit(STALE)
+        # the worker keeps a copy of the connection: it answers if this process dies
+        # without answering, and kills it if the stage process goes away
+        socket.send_fds(channel, [str(os.getpid()).encode()], [conn.fileno()])
+        channel.close()
+    except BaseException:  # noqa: BLE001 - a broken request: the client sees EOF and runs the stage itself
+        os._exit(1)
+    _become_stage(request, fds, conn)
+
+
+def _die_with_parent() -> None:
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _warm_up() -> None:
+    """Pay transformers' first-load costs (regex compilation, lazy imports) once, on a tiny
+    throw-away GPT-2 and BERT. One torch thread: no OpenMP pool exists when children fork."""
+    import torch
+
+    torch.set_num_threads(1)
+    rng = torch.random.get_rng_state()  # restored below: children see a fresh process's global RNG
+    import tqdm
+    from transformers.utils import logging as hf_logging
+
+    tqdm.tqdm.monitor_interval = 0  # no tqdm monitor thread in a process that forks
+    hf_logging.disable_progress_bar()
+    import tempfile
+
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        BertConfig,
+        BertForSequenceClassification,
+        GPT2Config,
+        GPT2LMHeadModel,
+    )
+
+    with tempfile.TemporaryDirectory() as tmp:
+        GPT2LMHeadModel(GPT2Config(vocab_size=8, n_positions=8, n_embd=8, n_layer=1, n_head=1)) \
+            .save_pretrained(f"{tmp}/gpt2")
+        BertForSequenceClassification(BertConfig(
+            vocab_size=8, hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8,
+            max_position_embeddings=8)).save_pretrained(f"{tmp}/bert")
+        AutoModelForCausalLM.from_pretrained(f"{tmp}/gpt2")
+        AutoModelForSequenceClassification.from_pretrained(f"{tmp}/bert")
+    torch.random.set_rng_state(rng)
+    hf_logging.enable_progress_bar()
+
+
+def serve(path: str, idle_s: float) -> None:
+    import importlib
+    import selectors
+
+    for name in PRELOAD:
+        importlib.import_module(name)
+    try:
+        _warm_up()
+    except Exception:  # noqa: BLE001 - only a speed-up; children load models themselves anyway
+        pass
+    watched = _watched()
+    snapshot = _stat(watched)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}")
+    _unlink(tmp)
+    listener.bind(tmp)
+    os.chmod(tmp, 0o600)
+    listener.listen(16)
+    inode = os.stat(tmp).st_ino
+    os.replace(tmp, path)  # atomically take over the name (a racing worker just idles out)
+    _unlink(_spawn_lock(path))
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sel = selectors.DefaultSelector()
+    sel.register(ours, selectors.EVENT_READ)
+    children: dict[int, socket.socket] = {}  # running stages: pid -> the stage process's connection
+    spare = 0
+    serving = True
+    last = time.monotonic()
+    try:
+        while serving or children:
+            if serving and not spare:
+                spare = os.fork()
+                if spare == 0:
+                    _spare(listener, theirs, watched, snapshot, [ours, *children.values()])
+            for key, _ in sel.select(timeout=0.05 if children else 1.0):
+                if key.fileobj is ours:  # the spare took a request: it is a running stage now
+                    msg, fds, _, _ = socket.recv_fds(ours, 32, 1)
+                    if not fds:
+                        continue
+                    pid = int(msg)
+                    children[pid] = conn = socket.socket(fileno=fds[0])
+                    sel.register(conn, selectors.EVENT_READ, pid)
+                    spare = 0 if pid == spare else spare
+                    last = time.monotonic()
+                elif not key.fileobj.recv(1):  # the stage process hung up or was killed: so is its child
+                    _kill(key.data)
+                    sel.unregister(key.fileobj)
+            while True:
+                try:
+                    pid, status, usage = os.wait4(-1, os.WNOHANG)
+                except ChildProcessError:
+                    break
+                if pid == 0:
+                    break
+                code = os.waitstatus_to_exitcode(status)
+                if pid == spare:  # stale, a broken request, or killed
+                    spare = 0
+                    serving = serving and code != STALE
+                conn = children.pop(pid, None)
+                if conn is not None:
+                    _answer(conn, 128 - code if code < 0 else code, usage.ru_maxrss)  # harmless if answered
+                    try:
+                        sel.unregister(conn)
+                    except (KeyError, ValueError):
+                        pass
+                    conn.close()
+                last = time.monotonic()
+            if serving and not children and time.monotonic() - last > idle_s:
+                serving = False
+            if not serving and listener.fileno() >= 0:  # no new stages: give the name back, drop the spare
+                _unlink_own(path, inode)
+                listener.close()
+                if spare:
+                    _kill(spare)
+    finally:  # idle, stale, or SIGTERM
+        _unlink_own(path, inode)
+        if spare:
+            _kill(spare)
+
+
+def _answer(conn: socket.socket, code: int, maxrss_kb: int) -> None:
+    try:
+        conn.sendall(json.dumps({"code": code, "maxrss_kb": maxrss_kb}).encode() + b"\n")
+    except OSError:
+        pass
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _unlink_own(path: str, inode: int) -> None:
+    """Remove the socket name unless a newer worker has taken it over."""
+    try:
+        if os.stat(path).st_ino == inode:
+            os.unlink(path)
+    except OSError:
+        pass
+
+
+def _terminate(signum, frame) -> None:  # noqa: ARG001 - signal handler signature
+    raise SystemExit(0)
+
+
+if __name__ == "__main__":
+    sock_path, package = sys.argv[1], os.path.realpath(sys.argv[2])
+    if package != PACKAGE:  # resolved another copy of the package than the client's
+        sys.exit(0)
+    signal.signal(signal.SIGTERM, _terminate)  # children reset it; the worker removes its socket name
+    serve(sock_path, float(os.environ.get("MINICHATGPT_WORKER_IDLE", "300")))
