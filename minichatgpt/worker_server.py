@@ -112,13 +112,17 @@ def _become_stage(request: dict, fds: list[int], conn: socket.socket) -> None:
         client.finish(code)
 
 
-def _spare(listener: socket.socket, channel: socket.socket, watched: list[str], snapshot: list, close: list) -> None:
-    """A child forked ahead of time: wait for the next stage process, then become it; never returns."""
+def _spare(worker: int, listener: socket.socket, channel: socket.socket, watched: list[str], snapshot: list,
+           close: list) -> None:
+    """A child forked ahead of time by process ``worker``: wait for the next stage process, then
+    become it; never returns."""
     try:
         _die_with_parent()
+        if os.getppid() != worker:  # the worker died before PR_SET_PDEATHSIG took hold
+            os._exit(0)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        for sock in close:  # the worker's end of the channel and other stages' connections
-            sock.close()
+        for obj in close:  # the worker's selector, its end of the channel and other stages' connections
+            obj.close()
         conn, _ = listener.accept()
         listener.close()
         request, fds = _recv_request(conn)
@@ -206,6 +210,7 @@ def serve(path: str, idle_s: float) -> None:
     sel.register(ours, selectors.EVENT_READ)
     children: dict[int, socket.socket] = {}  # running stages: pid -> the stage process's connection
     spare = 0
+    me = os.getpid()
     serving = True
     last = time.monotonic()
     try:
@@ -213,7 +218,7 @@ def serve(path: str, idle_s: float) -> None:
             if serving and not spare:
                 spare = os.fork()
                 if spare == 0:
-                    _spare(listener, theirs, watched, snapshot, [ours, *children.values()])
+                    _spare(me, listener, theirs, watched, snapshot, [sel, ours, *children.values()])
             for key, _ in sel.select(timeout=0.05 if children else 1.0):
                 if key.fileobj is ours:  # the spare took a request: it is a running stage now
                     msg, fds, _, _ = socket.recv_fds(ours, 32, 1)
