@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from minichatgpt import padding
 from minichatgpt.core import NonFiniteError, RunningMoments, gae, kl_penalty, per_token_rewards, process_scores, whiten
 from minichatgpt.parallel import SINGLE, World
 from minichatgpt.params import GenerationParams, PPOParams
@@ -30,14 +31,10 @@ def check_finite(name: str, rows: list[list[float]] | np.ndarray, where: str) ->
             raise NonFiniteError(f"{where}: non-finite {name} in sample {i}: {arr.tolist()}")
 
 
-def pad_rows(rows: list[list[float]]) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    values = torch.zeros((len(rows), width), dtype=torch.float32)
-    mask = torch.zeros((len(rows), width), dtype=torch.float32)
-    for i, row in enumerate(rows):
-        values[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
-        mask[i, : len(row)] = 1.0
-    return values, mask
+def pad_floats(rows: list[list[float]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token values of a table column, right-padded with 0, and their float mask."""
+    values, mask = padding.pad_rows(rows, 0.0, torch.float32)
+    return values, mask.float()
 
 
 def unpad(x: torch.Tensor, mask: torch.Tensor) -> list[list[float]]:
@@ -177,10 +174,10 @@ def score(
     """
     check_finite("score", [scores], "score")
     check_finite("ref_logprobs", ref_logprobs, "score")
-    logprobs, mask = pad_rows(rollouts["logprobs"].to_pylist())
-    ref, _ = pad_rows(ref_logprobs)
+    logprobs, mask = pad_floats(rollouts["logprobs"].to_pylist())
+    ref, _ = pad_floats(ref_logprobs)
     if kl_rows is not None:
-        kl = pad_rows(kl_rows)[0] * mask
+        kl = pad_floats(kl_rows)[0] * mask
     elif estimator == "full":
         raise ValueError("ppo.kl_penalty='full' needs the per-token KL from both models' logits (kl_rows)")
     else:
@@ -198,10 +195,10 @@ def advantages(scored: pa.Table, gamma: float, lam: float, whiten_rewards: bool 
     """GAE over each response, then whiten the advantages over the whole batch."""
     check_finite("rewards", scored["rewards"].to_pylist(), "scored rollouts")
     check_finite("values", scored["values"].to_pylist(), "scored rollouts")
-    rewards, mask = pad_rows(scored["rewards"].to_pylist())
+    rewards, mask = pad_floats(scored["rewards"].to_pylist())
     if whiten_rewards:
         rewards = whiten(rewards, shift_mean=False, mask=mask)
-    values, _ = pad_rows(scored["values"].to_pylist())
+    values, _ = pad_floats(scored["values"].to_pylist())
     adv, returns = gae(rewards, values, gamma, lam, mask)
     adv = whiten(adv, shift_mean=True, mask=mask)
     check_finite("advantages", adv.numpy(), "advantages")
@@ -212,11 +209,11 @@ def advantages(scored: pa.Table, gamma: float, lam: float, whiten_rewards: bool 
 def batch_from_table(table: pa.Table):
     from minichatgpt.ppo import PPOBatch
 
-    logprobs, mask = pad_rows(table["logprobs"].to_pylist())
+    logprobs, mask = pad_floats(table["logprobs"].to_pylist())
     return PPOBatch(
         queries=table["query_ids"].to_pylist(), responses=table["response_ids"].to_pylist(),
-        logprobs=logprobs, values=pad_rows(table["values"].to_pylist())[0],
-        advantages=pad_rows(table["advantages"].to_pylist())[0], returns=pad_rows(table["returns"].to_pylist())[0],
+        logprobs=logprobs, values=pad_floats(table["values"].to_pylist())[0],
+        advantages=pad_floats(table["advantages"].to_pylist())[0], returns=pad_floats(table["returns"].to_pylist())[0],
         mask=mask,
     )
 

@@ -19,6 +19,7 @@ import torch
 
 from minichatgpt.core import logprobs_and_entropy, logprobs_from_logits
 from minichatgpt.models import PolicyWithValueHead
+from minichatgpt.padding import pad_rows
 
 
 @dataclass
@@ -29,14 +30,8 @@ class Generated:
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        if row:
-            ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
-            mask[i, width - len(row) :] = 1
-    return ids, mask
+    ids, mask = pad_rows(rows, pad_id, torch.long, left=True)
+    return ids, mask.long()
 
 
 def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -139,13 +134,9 @@ def generate(
 
 def pack(queries: list[list[int]], responses: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded ``query+response`` batch plus the gather index of each response token."""
-    rows = [q + r for q, r in zip(queries, responses)]
-    lengths = torch.tensor([len(r) for r in rows])
-    width = int(lengths.max())
+    ids, real = pad_rows([q + r for q, r in zip(queries, responses)], pad_id, torch.long)
+    width = ids.shape[1]
     resp_width = max(len(r) for r in responses)
-    real = torch.arange(width)[None, :] < lengths[:, None]
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    ids[real] = torch.tensor([t for row in rows for t in row], dtype=torch.long)  # row-major == concatenated
     qlen = torch.tensor([len(q) for q in queries])
     rlen = torch.tensor([len(r) for r in responses])
     offsets = torch.arange(resp_width)

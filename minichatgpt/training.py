@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from minichatgpt.padding import pad_rows
 from minichatgpt.params import PretrainParams, RewardParams
 
 log = logging.getLogger(__name__)
@@ -94,13 +95,8 @@ def classifier_examples(
 
 
 def _pad(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(x) for x in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, row in enumerate(batch):
-        ids[i, : len(row)] = torch.tensor(row)
-        mask[i, : len(row)] = 1
-    return ids, mask
+    ids, mask = pad_rows(batch, pad_id, torch.long)
+    return ids, mask.long()
 
 
 def train_classifier(

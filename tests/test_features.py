@@ -11,7 +11,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from minichatgpt.core import RunningMoments, gae, process_scores, whiten
-from minichatgpt.iteration import advantages, full_kl, pad_rows
+from minichatgpt.iteration import advantages, full_kl, pad_floats
 from minichatgpt.models import PolicyWithValueHead
 from minichatgpt.params import PPOParams
 from minichatgpt.ppo import PPOBatch, ppo_update
@@ -120,13 +120,13 @@ def scored_table(rewards: list[list[float]], values: list[list[float]]) -> pa.Ta
 def test_whiten_rewards_whitens_before_gae_keeping_the_mean() -> None:
     rewards, values = [[0.0, -0.1, 2.0], [0.3, 1.0]], [[0.5, 0.2, 0.1], [0.0, -0.4]]
     table = advantages(scored_table(rewards, values), gamma=1.0, lam=0.9, whiten_rewards=True)
-    r, mask = pad_rows(rewards)
+    r, mask = pad_floats(rewards)
     flat_r = [x for row in rewards for x in row]
     mean, std = np.mean(flat_r), np.std(flat_r, ddof=1)
     expected_r = (r - mean) / math.sqrt(std**2 + 1e-8) + mean
-    adv, _ = gae(expected_r * mask, pad_rows(values)[0], 1.0, 0.9, mask)
+    adv, _ = gae(expected_r * mask, pad_floats(values)[0], 1.0, 0.9, mask)
     expected = whiten(adv, mask=mask)
-    got = pad_rows(table["advantages"].to_pylist())[0]
+    got = pad_floats(table["advantages"].to_pylist())[0]
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     plain = advantages(scored_table(rewards, values), gamma=1.0, lam=0.9)
     assert plain["advantages"].to_pylist() != table["advantages"].to_pylist()
