@@ -229,7 +229,7 @@ def load_policy(ckpt: str | Path, seed: int, trainable: bool = False) -> tuple[P
     if len(tokenizer) > lm.config.vocab_size:
         raise ModelError(f"{ckpt}: tokenizer has {len(tokenizer)} tokens but the model only {lm.config.vocab_size}")
     state_file = ckpt / "state.json"
-    state = json.loads(state_file.read_text()) if state_file.is_file() else {"iteration": 0, "kl_coef": None, "step": 0}
+    state = json.loads(state_file.read_text()) if state_file.is_file() else initial_state()
     return policy.eval(), tokenizer, state
 
 
@@ -266,7 +266,16 @@ def save_policy(
         save_file(tensors, out_dir / "optimizer.safetensors")
         (out_dir / "optimizer.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     if state is not None:
-        (out_dir / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+        write_state(out_dir, state)
+
+
+def initial_state() -> dict:
+    """Training state of an iteration-0 checkpoint: no KL coefficient yet, no optimizer steps."""
+    return {"iteration": 0, "kl_coef": None, "step": 0}
+
+
+def write_state(out_dir: Path, state: dict) -> None:
+    (out_dir / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
 
 
 def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:

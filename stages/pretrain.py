@@ -27,7 +27,7 @@ def main() -> dict:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from minichatgpt.models import PolicyWithValueHead, save_policy, train_bpe_tokenizer
+    from minichatgpt.models import PolicyWithValueHead, initial_state, save_policy, train_bpe_tokenizer
     from minichatgpt.training import pretrain_lm, token_stream
 
     texts, splits = corpus["text"].to_pylist(), corpus["split"].to_pylist()
@@ -45,7 +45,7 @@ def main() -> dict:
     metrics = pretrain_lm(model, stream, valid, params)
     metrics["pretrain/train_tokens"] = int(len(stream))
     with atomic_path(args.out) as tmp:
-        save_policy(tmp, PolicyWithValueHead(model), tokenizer, state={"iteration": 0, "kl_coef": None, "step": 0})
+        save_policy(tmp, PolicyWithValueHead(model), tokenizer, state=initial_state())
         (tmp / "value_head.safetensors").unlink()  # iteration 0 has no value head yet; update seeds it
     write_json(metrics, args.metrics)
     return metrics
@@ -55,7 +55,7 @@ def _record_external(ref: str, out, metrics_path: str) -> dict:
     import json
 
     from minichatgpt.artifacts import atomic_path, write_json
-    from minichatgpt.models import load_causal_lm, load_tokenizer, pretrained_kwargs
+    from minichatgpt.models import initial_state, load_causal_lm, load_tokenizer, pretrained_kwargs, write_state
 
     model = load_causal_lm(ref)  # fail here, not three stages later
     tokenizer = load_tokenizer(ref)
@@ -63,16 +63,15 @@ def _record_external(ref: str, out, metrics_path: str) -> dict:
     if pretrained_kwargs(ref)[1]:  # GGUF: dequantize once into a safetensors checkpoint
         from minichatgpt.models import PolicyWithValueHead, dequantized, save_policy
 
-        state = {"iteration": 0, "kl_coef": None, "step": 0}
         with atomic_path(out) as tmp:
-            save_policy(tmp, PolicyWithValueHead(dequantized(model)), tokenizer, state=state)
+            save_policy(tmp, PolicyWithValueHead(dequantized(model)), tokenizer, state=initial_state())
             (tmp / "value_head.safetensors").unlink()
         write_json(metrics, metrics_path)
         return metrics
     with atomic_path(out) as tmp:
         tmp.mkdir()
         (tmp / "source.json").write_text(json.dumps({"model": ref}, indent=2) + "\n")
-        (tmp / "state.json").write_text(json.dumps({"iteration": 0, "kl_coef": None, "step": 0}, indent=2) + "\n")
+        write_state(tmp, initial_state())
     write_json(metrics, metrics_path)
     return metrics
 
