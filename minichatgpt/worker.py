@@ -97,7 +97,7 @@ def delegate() -> int | None:
                 return None  # worker gone before answering: run here (outputs are atomic, a rerun is safe)
             reply += chunk
         answer = json.loads(reply.split(b"\n", 1)[0])  # the child's answer; the worker may add its own
-    except OSError:
+    except (OSError, ValueError):  # a garbled answer: run here, as if the worker were gone
         return None
     finally:
         conn.close()

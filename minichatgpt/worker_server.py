@@ -44,7 +44,7 @@ def _watched() -> list[str]:
     files = [mod.__file__ for name in ("torch", "transformers", "pyarrow", "numpy")
              if (mod := sys.modules.get(name)) is not None and getattr(mod, "__file__", None)]
     files += [file for mod in list(sys.modules.values())
-              if (file := getattr(mod, "__file__", None)) and file.startswith(PACKAGE)]
+              if (file := getattr(mod, "__file__", None)) and file.startswith(PACKAGE + os.sep)]
     return sorted(set(files))
 
 
