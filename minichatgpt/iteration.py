@@ -156,8 +156,9 @@ def processed_scores(
     table: pa.Table, raw: np.ndarray, state: dict, params: PPOParams, eos_id: int
 ) -> tuple[torch.Tensor, RunningMoments]:
     """The scores PPO optimises and the running score moments after this batch."""
+    scores = torch.from_numpy(np.array(raw, np.float32))  # a copy: Arrow columns are read-only
     return process_scores(
-        torch.from_numpy(np.asarray(raw, np.float32)), ends_with_eos(table, eos_id), moments_of(state),
+        scores, ends_with_eos(table, eos_id), moments_of(state),
         missing_eos_penalty=params.missing_eos_penalty, use_score_scaling=params.use_score_scaling,
         use_score_norm=params.use_score_norm, score_clip=params.score_clip,
     )

@@ -21,3 +21,9 @@ def pad_rows(rows: list[list], fill: float | int, dtype: torch.dtype, left: bool
     padded = torch.full((len(rows), width), fill, dtype=dtype)
     padded[mask] = torch.tensor([x for row in rows for x in row], dtype=dtype)  # row-major order of mask
     return padded, mask
+
+
+def pad_ids(rows: list[list[int]], pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id rows as a model's ``(input_ids, attention_mask)``, both ``long``."""
+    ids, mask = pad_rows(rows, pad_id, torch.long, left=left)
+    return ids, mask.long()

@@ -19,7 +19,7 @@ import torch
 
 from minichatgpt.core import logprobs_and_entropy, logprobs_from_logits
 from minichatgpt.models import PolicyWithValueHead
-from minichatgpt.padding import pad_rows
+from minichatgpt.padding import pad_ids, pad_rows
 
 
 @dataclass
@@ -27,11 +27,6 @@ class Generated:
     response_ids: list[list[int]]
     logprobs: list[list[float]]
     values: list[list[float]]
-
-
-def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    ids, mask = pad_rows(rows, pad_id, torch.long, left=True)
-    return ids, mask.long()
 
 
 def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -86,7 +81,7 @@ def generate(
     """
     if len(queries) != len(lengths):
         raise ValueError(f"{len(queries)} queries but {len(lengths)} lengths")
-    ids, mask = left_pad(queries, pad_id)
+    ids, mask = pad_ids(queries, pad_id, left=True)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     steps = max(lengths)
     keep = 1 if _accepts_logits_to_keep(type(policy.pretrained_model)) else 0

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from minichatgpt.padding import pad_rows
+from minichatgpt.padding import pad_ids
 from minichatgpt.params import PretrainParams, RewardParams
 
 log = logging.getLogger(__name__)
@@ -94,11 +94,6 @@ def classifier_examples(
     return out, list(labels)
 
 
-def _pad(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    ids, mask = pad_rows(batch, pad_id, torch.long)
-    return ids, mask.long()
-
-
 def train_classifier(
     model: torch.nn.Module, examples: list[list[int]], labels: list[int], pad_id: int, params: RewardParams
 ) -> None:
@@ -108,7 +103,7 @@ def train_classifier(
 
     def loss_at(step: int) -> torch.Tensor:
         idx = torch.randint(0, len(examples), (params.batch_size,), generator=gen).tolist()
-        ids, mask = _pad([examples[i] for i in idx], pad_id)
+        ids, mask = pad_ids([examples[i] for i in idx], pad_id)
         return model(input_ids=ids, attention_mask=mask, labels=y[idx]).loss
 
     _train_steps(model, params.max_steps, params.learning_rate, "train_reward", loss_at)
@@ -118,7 +113,7 @@ def train_classifier(
 def classifier_accuracy(model: torch.nn.Module, examples: list[list[int]], labels: list[int], pad_id: int) -> float:
     correct = 0
     for start in range(0, len(examples), 128):
-        ids, mask = _pad(examples[start : start + 128], pad_id)
+        ids, mask = pad_ids(examples[start : start + 128], pad_id)
         pred = model(input_ids=ids, attention_mask=mask).logits.argmax(-1)
         correct += int((pred == torch.tensor(labels[start : start + 128])).sum())
     return correct / max(1, len(examples))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from minichatgpt.padding import pad_rows
+from minichatgpt.padding import pad_ids, pad_rows
 
 
 def loop_pad(rows: list[list], fill, dtype, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,3 +37,12 @@ def test_pad_rows_hand_computed() -> None:
     assert got.tolist() == [[1, 2], [9, 3]] and mask.tolist() == [[True, True], [False, True]]
     got, mask = pad_rows([[1, 2], [3]], 9, torch.long)
     assert got.tolist() == [[1, 2], [3, 9]] and mask.tolist() == [[True, True], [True, False]]
+
+
+def test_pad_ids_is_a_model_input() -> None:
+    """input_ids and attention_mask as transformers wants them: long, 1 on real tokens."""
+    ids, mask = pad_ids([[4, 5], [6]], 0, left=True)
+    assert ids.dtype == mask.dtype == torch.long
+    assert ids.tolist() == [[4, 5], [0, 6]] and mask.tolist() == [[1, 1], [0, 1]]
+    ids, mask = pad_ids([[4], [6, 7, 8]], 3)
+    assert ids.tolist() == [[4, 3, 3], [6, 7, 8]] and mask.tolist() == [[1, 0, 0], [1, 1, 1]]
