@@ -307,5 +307,6 @@ def _per_iteration_ratios(batch_size: int, detail: dict, warmup: int) -> list[tu
     return [(i + 1, sum(d["stages_s"].values()) / t["s"], d["s"] / t["s"])
             for i, (t, d) in enumerate(zip(trl, dvc)) if i >= warmup]
 
+
 if __name__ == "__main__":
     main()
