@@ -188,20 +188,17 @@ def scratch_repo(name: str, params_edit) -> Path:
     return dest
 
 
-def stop_warm_workers(var: str, value: str) -> int:
+def stop_warm_workers(var: str, value: str) -> None:
     """SIGTERM the warm workers started with ``var=value`` in their environment (the harness's
     own, not a user's: the variable is part of the worker's key), instead of letting them idle."""
     import psutil
 
-    stopped = 0
     for proc in psutil.process_iter(["cmdline"]):
         try:
             if "minichatgpt.worker_server" in (proc.info["cmdline"] or []) and proc.environ().get(var) == value:
                 proc.terminate()
-                stopped += 1
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-    return stopped
 
 
 def dir_bytes(path: Path) -> int:

@@ -28,7 +28,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from minichatgpt.data import load_reviews
-    from minichatgpt.models import PolicyWithValueHead, save_policy, train_bpe_tokenizer
+    from minichatgpt.models import PolicyWithValueHead, initial_state, save_policy, train_bpe_tokenizer
 
     root = tmp_path_factory.mktemp("project")
     texts = load_reviews()["text"].to_pylist()[:300]
@@ -38,8 +38,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
                         resid_pdrop=0, embd_pdrop=0, attn_pdrop=0, eos_token_id=tokenizer.eos_token_id,
                         bos_token_id=tokenizer.eos_token_id)
     ckpt = root / "checkpoints" / "0"
-    save_policy(ckpt, PolicyWithValueHead(GPT2LMHeadModel(config)), tokenizer,
-                state={"iteration": 0, "kl_coef": None, "step": 0})
+    save_policy(ckpt, PolicyWithValueHead(GPT2LMHeadModel(config)), tokenizer, state=initial_state())
     (ckpt / "value_head.safetensors").unlink()
     reward = root / "models" / "reward"
     reward.mkdir(parents=True)
