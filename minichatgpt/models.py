@@ -259,7 +259,7 @@ def save_policy(
         (out_dir / SOURCE_FILE).write_text(json.dumps({"model": base}, indent=2) + "\n")
     else:
         lm.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
+    save_tokenizer(tokenizer, out_dir)
     save_file({k: v.contiguous() for k, v in policy.v_head.state_dict().items()}, out_dir / "value_head.safetensors")
     if optimizer is not None:
         tensors, meta = optimizer_to_tensors(optimizer)
@@ -267,6 +267,24 @@ def save_policy(
         (out_dir / "optimizer.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     if state is not None:
         write_state(out_dir, state)
+
+
+LOAD_ONLY_KEYS = ("local_files_only", "is_local", "cache_dir", "force_download", "proxies", "token",
+                  "_commit_hash", "trust_remote_code")
+"""How a tokenizer was loaded, which transformers writes back into ``tokenizer_config.json``
+(``local_files_only`` comes from ``HF_HUB_OFFLINE``): never part of a saved checkpoint."""
+
+
+def save_tokenizer(tokenizer: Any, out_dir: Path) -> None:
+    """``save_pretrained`` without the loading options, so the files depend on the tokenizer only."""
+    tokenizer.save_pretrained(out_dir)
+    config_file = Path(out_dir) / "tokenizer_config.json"
+    if config_file.is_file():
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        kept = {k: v for k, v in config.items() if k not in LOAD_ONLY_KEYS}
+        if kept != config:
+            config_file.write_text(json.dumps(kept, indent=2, sort_keys=True, ensure_ascii=False) + "\n",
+                                   encoding="utf-8")
 
 
 def initial_state() -> dict:

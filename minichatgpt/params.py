@@ -269,6 +269,39 @@ SECTIONS: dict[str, type] = {
 }
 
 
+def closest(name: object, known: typing.Iterable[str]) -> str:
+    """The valid name a user most likely meant: a close spelling, an abbreviation of the
+    words (``lr`` -> ``learning_rate``), a prefix, or else the most similar name."""
+    name, known = str(name).lower(), list(known)
+    close = difflib.get_close_matches(name, known, n=1)
+    if close:
+        return close[0]
+    for candidate in known:
+        if "".join(word[:1] for word in candidate.split("_")) == name:
+            return candidate
+    for candidate in known:
+        if candidate.startswith(name) or name.startswith(candidate):
+            return candidate
+    return max(known, key=lambda c: difflib.SequenceMatcher(None, name, c).ratio())
+
+
+def validate_all(raw: dict) -> dict[str, Any]:
+    """Every section and the iteration chain of a loaded params.yaml, validated (the `check_params` stage)."""
+    checked: dict[str, Any] = {name: section(raw, name) for name in SECTIONS}
+    checked["iters"] = iterations(raw)
+    return checked
+
+
+def declared() -> dict[str, dict[str, dict[str, Any]]]:
+    """Every setting the code declares: section -> key -> type and default (JSON-ready)."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for name, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        out[name] = {f.name: {"type": getattr(hints[f.name], "__name__", str(hints[f.name])), "default": f.default}
+                     for f in dataclasses.fields(cls)}
+    return out
+
+
 def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
     if not ok:
         raise ParamsError(f"params.yaml: {name}={value!r} is not allowed; expected {allowed}")
@@ -310,9 +343,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     kwargs = {}
     for key, value in raw.items():
         if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f"; did you mean {prefix}.{close[0]}?" if close else f"; known: {', '.join(fields)}"
-            raise ParamsError(f"params.yaml: unknown key {prefix}.{key}{hint}")
+            raise ParamsError(f"params.yaml: unknown key {prefix}.{key}; did you mean {prefix}.{closest(key, fields)}?")
         kwargs[key] = _coerce(f"{prefix}.{key}", value, hints[key])
     missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
@@ -340,9 +371,7 @@ def load_yaml(path: str | Path = "params.yaml") -> dict:
     known = set(SECTIONS) | {"iters"}
     for key in raw:
         if key not in known:
-            close = difflib.get_close_matches(str(key), sorted(known), n=1)
-            hint = f"; did you mean {close[0]}?" if close else f"; known: {', '.join(sorted(known))}"
-            raise ParamsError(f"{path}: unknown section {key}{hint}")
+            raise ParamsError(f"{path}: unknown section {key}; did you mean {closest(key, sorted(known))}?")
     return raw
 
 
@@ -381,7 +410,8 @@ def as_dict(obj: Any) -> dict:
 
 __all__ = [
     "ParamsError", "RuntimeParams", "DataParams", "PretrainParams", "RewardParams", "GenerationParams",
-    "PPOParams", "EvaluateParams", "Iteration", "load_yaml", "section", "iterations", "as_dict",
+    "PPOParams", "EvaluateParams", "Iteration", "load_yaml", "section", "iterations", "as_dict", "closest",
+    "validate_all", "declared",
 ]
 
 

@@ -1,9 +1,10 @@
-"""What `evaluate` reports through dvclive, and the page `dvc plots show` renders into.
+"""What `evaluate` writes for `dvc plots`, and the page `dvc plots show` renders into.
 
-The dvclive directory is a DVC stage output whose files the plots in ``dvc.yaml``
-point at: one row per PPO iteration for each training series, the held-out reward
-distribution before and after PPO. The HTML template inlines Vega, Vega-Lite and
-Vega-Embed (bundled by ``vl-convert-python``) so the plots render without network.
+The plot data are JSON lists that ``dvc.yaml`` declares as plot outputs (uncached, so git
+keeps them and DVC's run-cache still restores the stage): one row per PPO iteration with
+the training statistics, and the held-out reward distribution before and after PPO. The
+HTML template inlines Vega, Vega-Lite and Vega-Embed (bundled by ``vl-convert-python``)
+so the plots render without network.
 """
 
 from __future__ import annotations
@@ -17,21 +18,24 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-ITERATION_SERIES = (
-    "env/reward_mean", "env/reward_std", "objective/kl", "objective/kl_coef", "policy/entropy",
-    "policy/clipfrac", "policy/approxkl", "policy/policykl", "val/error", "val/clipfrac",
-    "loss/policy", "loss/value", "tokens/response_len_mean",
-)
-"""Per-iteration training statistics logged as dvclive series (plus every ``time/`` key)."""
+ITERATION_SERIES = {
+    "reward_mean": "env/reward_mean", "reward_std": "env/reward_std", "kl": "objective/kl",
+    "kl_coef": "objective/kl_coef", "entropy": "policy/entropy", "clipfrac": "policy/clipfrac",
+    "approxkl": "policy/approxkl", "policykl": "policy/policykl", "value_error": "val/error",
+    "value_clipfrac": "val/clipfrac", "loss_policy": "loss/policy", "loss_value": "loss/value",
+    "response_len_mean": "tokens/response_len_mean",
+}
+"""Plotted field -> key of an update@i metrics file (Vega-Lite field names cannot hold '/')."""
 
 
-def iteration_series(stats: Mapping[str, Mapping[str, float]]) -> dict[int, dict[str, float]]:
-    """Pick the logged series out of each iteration's update metrics, keyed by iteration."""
-    series = {}
+def iteration_rows(stats: Mapping[str, Mapping[str, float]]) -> list[dict[str, float]]:
+    """One row per PPO iteration, in iteration order, with the plotted training statistics."""
+    rows = []
     for key, metrics in stats.items():
-        picked = {k: float(v) for k, v in metrics.items() if k in ITERATION_SERIES or k.startswith("time/")}
-        series[int(key)] = picked
-    return dict(sorted(series.items()))
+        row: dict[str, float] = {"iteration": int(key)}
+        row.update({field: float(metrics[name]) for field, name in ITERATION_SERIES.items() if name in metrics})
+        rows.append(row)
+    return sorted(rows, key=lambda row: row["iteration"])
 
 
 def reward_histogram(before: np.ndarray, after: np.ndarray, bins: int = 24) -> list[dict]:
@@ -47,29 +51,6 @@ def reward_histogram(before: np.ndarray, after: np.ndarray, bins: int = 24) -> l
         rows.append({"reward": round(float((edges[i] + edges[i + 1]) / 2), 6),
                      "before": round(float(shares[0][i]), 6), "after": round(float(shares[1][i]), 6)})
     return rows
-
-
-def write_live(
-    out_dir: str | Path, series: Mapping[int, Mapping[str, float]], summary: Mapping[str, float],
-    histogram: Sequence[Mapping[str, float]],
-) -> None:
-    """Log per-iteration series, the final summary and the reward distribution with dvclive.
-
-    ``dvcyaml=None``: the plots are declared in the project's ``dvc.yaml``, which dvclive
-    must not rewrite; ``save_dvc_exp=False``: the stage runs inside ``dvc repro``/``exp run``.
-    """
-    from dvclive import Live
-
-    with Live(dir=str(out_dir), dvcyaml=None, save_dvc_exp=False, report=None) as live:
-        for iteration, values in series.items():
-            live.step = iteration
-            for key, value in values.items():
-                live.log_metric(key, value)
-        for key in ("reward_before", "reward_after", "reward_stderr", "kl", "kl_stderr"):
-            live.log_metric(f"eval/{key}", float(summary[key]), plot=False)
-        live.log_plot("reward_distribution", list(histogram), x="reward", y=["before", "after"],
-                      template="linear", title="Held-out reward before and after PPO",
-                      x_label="reward", y_label="share of prompts")
 
 
 def offline_html_template() -> str:

@@ -55,8 +55,9 @@ def run(name: str, main: Callable[[], dict | None]) -> None:
     Outputs are fsynced before this returns, so skipping interpreter shutdown
     (``os._exit``) loses nothing and saves a second per stage process.
     """
-    from minichatgpt import worker
+    from minichatgpt import hermetic, worker
 
+    hermetic.enter()  # the same environment and CPU kernels for every caller, on every machine
     code = worker.delegate()
     if code is not None:  # the worker ran this stage to the end (outputs fsynced, or refused input)
         os._exit(code)
@@ -65,7 +66,6 @@ def run(name: str, main: Callable[[], dict | None]) -> None:
 
     log = logging.getLogger("minichatgpt")
     logging.basicConfig(level=logging.INFO, format=f"[{name}] %(message)s", stream=sys.stderr)
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     start = time.perf_counter()
     code = 0
     try:

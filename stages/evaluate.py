@@ -1,6 +1,6 @@
 """Held-out evaluation: reward of the pretrained policy vs the final one on the same prompts
-and seed, KL of the final policy to the reference, before/after samples, and the dvclive
-directory (per-iteration training series, reward distribution) that dvc.yaml plots."""
+and seed, KL of the final policy to the reference, before/after samples, and the plot data
+that dvc.yaml declares (per-iteration training statistics, held-out reward distribution)."""
 
 from minichatgpt.stage import parser, run
 
@@ -13,13 +13,15 @@ def main() -> dict:
     p.add_argument("--summary", default="metrics/summary.json")
     p.add_argument("--samples", default="metrics/samples.json")
     p.add_argument("--iter-metrics", default="metrics/iters", help="directory of update@i metrics JSON files")
-    p.add_argument("--live", default="metrics/live", help="output dvclive directory")
+    p.add_argument("--iterations", default="metrics/iterations.json", help="output: per-iteration statistics")
+    p.add_argument("--distribution", default="metrics/reward_distribution.json",
+                   help="output: held-out reward histogram before and after PPO")
     args = p.parse_args()
 
     import json
     from pathlib import Path
 
-    from minichatgpt.artifacts import atomic_path, read_table, write_json
+    from minichatgpt.artifacts import read_table, write_json
     from minichatgpt.params import iterations, load_yaml, section
     from minichatgpt.seeding import stage_seed
     from minichatgpt.stage import setup_torch
@@ -41,15 +43,15 @@ def main() -> dict:
 
     from minichatgpt.evaluation import evaluate
     from minichatgpt.iteration import sample_prompts
-    from minichatgpt.report import iteration_series, reward_histogram, write_live
+    from minichatgpt.report import iteration_rows, reward_histogram
 
     held_out = sample_prompts(prompts, "eval", None, None)
     seed = stage_seed(params.seed, "evaluate")
     summary, samples, scores = evaluate(Path(args.checkpoints) / "0", final_dir, args.reward, held_out, gen, seed,
                                         params.samples)
     summary["iterations"] = int(last)
-    with atomic_path(args.live) as tmp:
-        write_live(tmp, iteration_series(stats), summary, reward_histogram(scores["before"], scores["after"]))
+    write_json(iteration_rows(stats), args.iterations)
+    write_json(reward_histogram(scores["before"], scores["after"]), args.distribution)
     write_json(summary, args.summary)
     write_json(samples, args.samples)
     return {k: summary[k] for k in ("reward_before", "reward_after", "reward_stderr", "kl")}

@@ -56,9 +56,11 @@ def main() -> dict:
         "reward/valid_accuracy": classifier_accuracy(model, full, v_labels, tokenizer.pad_token_id),
         "reward/valid_accuracy_prefix": classifier_accuracy(model, short, v_labels, tokenizer.pad_token_id),
     }
+    from minichatgpt.models import save_tokenizer
+
     with atomic_path(args.out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp)
     write_json(metrics, args.metrics)
     return metrics
 

@@ -13,9 +13,9 @@ def main() -> dict:
     p.add_argument("--metrics", required=True, help="output metrics JSON of this iteration")
     args = p.parse_args()
 
+    import logging
     import time
 
-    started = time.perf_counter()
     from minichatgpt.artifacts import atomic_path, read_table, write_json
     from minichatgpt.params import load_yaml, section
     from minichatgpt.seeding import stage_seed
@@ -64,10 +64,10 @@ def main() -> dict:
     new_state = {"iteration": args.iter, "kl_coef": kl_coef, "step": step, "score_moments": moments.__dict__}
     with atomic_path(args.out) as tmp:
         save_policy(tmp, policy, tokenizer, optimizer, new_state)
-    # Wall-clock seconds: the only keys that differ between identical runs (see README).
-    timing = {"time/ppo/optimize_step": optimize_s, "time/ppo/total": time.perf_counter() - started}
+    # seconds go to the log, not the metrics: an output holds only what code, params and inputs decide
+    logging.getLogger("minichatgpt").info("optimize step %.2fs", optimize_s)
     stats["ppo/trainable_parameters"] = float(sum(p.numel() for p in trainable))
-    metrics = {"iter": args.iter} | env | stats | {"objective/kl_coef_next": kl_coef} | timing
+    metrics = {"iter": args.iter} | env | stats | {"objective/kl_coef_next": kl_coef}
     write_json(metrics, args.metrics)
     return {k: metrics[k] for k in ("iter", "env/reward_mean", "objective/kl", "objective/kl_coef", "policy/clipfrac")}
 

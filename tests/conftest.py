@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
-import functools
-import json
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
+from minichatgpt import hermetic
 
-import pytest
-import yaml
+# Before torch, numpy or pyarrow load: in-process results (PPOTrainer, the math tests) then use the
+# kernels the stage processes use, so the two can be compared bit for bit.
+hermetic.pin_this_process()
 
-from minichatgpt.report import offline_html_template
+import functools  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+
+from minichatgpt.report import offline_html_template  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,25 +54,16 @@ def write_params(path: Path, params: dict) -> None:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-WALL_CLOCK_OUTS = ("metrics/iters/", "metrics/live")
-"""Outputs holding ``time/`` keys (wall-clock seconds): the only bytes identical runs do not share."""
-
-
-def deterministic_out_hashes(lock_text: str) -> dict[str, str]:
-    """``stage:path -> md5`` of every output in a dvc.lock, less the wall-clock ones."""
+def out_hashes_of(lock_text: str) -> dict[str, str]:
+    """``stage:path -> md5`` of every output in a dvc.lock."""
     lock = yaml.safe_load(lock_text)
-    return {f"{s}:{o['path']}": o["md5"] for s, b in lock["stages"].items() for o in b.get("outs", [])
-            if not o["path"].startswith(WALL_CLOCK_OUTS)}
+    return {f"{s}:{o['path']}": o["md5"] for s, b in lock["stages"].items() for o in b.get("outs", [])}
 
 
-def timeless_metrics(repo: Path) -> dict[str, object]:
-    """The per-iteration and dvclive metrics with their ``time/`` keys dropped."""
-    out = {}
-    for file in sorted((repo / "metrics/iters").glob("*.json")):
-        out[file.name] = {k: v for k, v in json.loads(file.read_text()).items() if not k.startswith("time/")}
-    live = json.loads((repo / "metrics/live/metrics.json").read_text())
-    out["live"] = {k: v for k, v in live.items() if k != "time"}
-    return out
+def metrics_of(repo: Path) -> dict[str, object]:
+    """Every metrics and plot file of a run (git-tracked, uncached) and each iteration's statistics."""
+    files = sorted((repo / "metrics").glob("*.json")) + sorted((repo / "metrics/iters").glob("*.json"))
+    return {str(f.relative_to(repo)): json.loads(f.read_text()) for f in files}
 
 
 _offline_page = functools.cache(offline_html_template)

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tests.conftest import TINY_PARAMS, deterministic_out_hashes, make_pipeline_repo, sh, tool_env, write_params
+from tests.conftest import TINY_PARAMS, make_pipeline_repo, out_hashes_of, sh, tool_env, write_params
 
 pytestmark = pytest.mark.e2e
 
@@ -186,7 +186,7 @@ KILL_POINTS = [("prepare", 1.0), ("pretrain", 4.0), ("train_reward", 3.0), ("rol
 
 
 def test_sigkill_anywhere_then_plain_repro_gives_the_uninterrupted_hashes(pipeline_repo: Path, tmp_path) -> None:
-    outs = deterministic_out_hashes
+    outs = out_hashes_of
     uninterrupted = outs(sh(["git", "show", "HEAD:dvc.lock"], pipeline_repo).stdout)
     repo = make_pipeline_repo(tmp_path / "killed", TINY_PARAMS)
     killed = [stage for stage, delay in KILL_POINTS if repro_killed_in(repo, stage, delay)]

@@ -142,8 +142,10 @@ def test_unknown_key_suggests_close_name(name, key, suggestion):
     assert "unknown key" in msg
 
 
-def test_unknown_key_without_close_match_lists_known():
-    raises({"evaluate": {"zzzzzz": 1}}, "evaluate", "evaluate.zzzzzz", "known:", "samples")
+def test_unknown_key_always_names_the_closest_valid_one():
+    raises({"evaluate": {"zzzzzz": 1}}, "evaluate", "evaluate.zzzzzz", "did you mean evaluate.")
+    raises({"ppo": {"lr": 1e-4}}, "ppo", "unknown key ppo.lr; did you mean ppo.learning_rate?")
+    raises({"ppo": {"epochs": 2}}, "ppo", "unknown key ppo.epochs; did you mean ppo.ppo_epochs?")
 
 
 def test_section_not_a_mapping():

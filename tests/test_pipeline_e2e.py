@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import TINY_PARAMS, deterministic_out_hashes, sh, timeless_metrics, write_params
+from tests.conftest import TINY_PARAMS, metrics_of, out_hashes_of, sh, write_params
 
 pytestmark = pytest.mark.e2e
 
@@ -23,7 +23,7 @@ def stages_run(output: str) -> set[str]:
 
 
 def out_hashes(repo: Path) -> dict[str, str]:
-    return deterministic_out_hashes((repo / "dvc.lock").read_text())
+    return out_hashes_of((repo / "dvc.lock").read_text())
 
 
 def restore(repo: Path) -> None:
@@ -39,7 +39,7 @@ def repo(pipeline_repo: Path) -> Path:
 
 def test_first_repro_runs_every_stage(repo: Path) -> None:
     first = (repo / ".git" / "first_repro.log").read_text()
-    expected = {"prepare", "pretrain", "train_reward", "evaluate"} | {
+    expected = {"check_params", "prepare", "pretrain", "train_reward", "evaluate"} | {
         f"{s}@{i}" for s in ALL_ITER_STAGES for i in (1, 2)
     }
     assert stages_run(first) == expected
@@ -74,10 +74,12 @@ def test_second_repro_runs_nothing(repo: Path) -> None:
 def test_lam_change_reruns_from_first_advantages(repo: Path, tmp_path: Path) -> None:
     try:
         run = sh(["dvc", "exp", "run", "-n", "lam09", "-S", "ppo.lam=0.9"], repo)
-        expected = {"advantages@1", "update@1", "rollout@2", "score@2", "advantages@2", "update@2", "evaluate"}
+        # check_params reads every param and reruns (its output is unchanged, so it invalidates nothing)
+        expected = {"check_params", "advantages@1", "update@1", "rollout@2", "score@2", "advantages@2", "update@2",
+                    "evaluate"}
         assert stages_run(run.stdout) == expected
         diff = sh(["dvc", "metrics", "diff", "HEAD", "lam09"], repo)
-        assert "metrics/live/metrics.json" in diff.stdout and "objective.kl " in diff.stdout
+        assert "metrics/summary.json" in diff.stdout and "reward_after" in diff.stdout
         params = sh(["dvc", "params", "diff", "HEAD", "lam09"], repo)
         assert "ppo.lam" in params.stdout and "0.9" in params.stdout
         # the experiments table has the held-out reward and KL as columns, one row per experiment
@@ -89,8 +91,8 @@ def test_lam_change_reruns_from_first_advantages(repo: Path, tmp_path: Path) -> 
         # plots diff draws both experiments in every chart, offline
         sh(["dvc", "plots", "diff", "HEAD", "lam09", "-o", str(tmp_path / "diff")], repo)
         html = (tmp_path / "diff" / "index.html").read_text()
-        assert html.count("vegaEmbed('#") == 5
-        assert html.count('"rev": "lam09"') >= 5 and html.count('"rev": "HEAD"') >= 5
+        assert html.count("vegaEmbed('#") == 7
+        assert html.count('"rev": "lam09"') >= 7 and html.count('"rev": "HEAD"') >= 7
         assert "<script src=" not in html
     finally:
         restore(repo)
@@ -101,16 +103,17 @@ def test_plots_show_renders_offline_html(repo: Path, tmp_path: Path) -> None:
     html = (tmp_path / "plots" / "index.html").read_text()
     specs = [json.loads(s) for s in re.findall(r"var spec = (\{.*?\});\s*vegaEmbed", html, re.S)]
     titles = [spec["title"]["text"] if isinstance(spec["title"], dict) else spec["title"] for spec in specs]
-    assert len(specs) >= 3 and "Batch reward and KL to the reference per PPO iteration" in titles
+    assert len(specs) == 7 and "KL to the reference per PPO iteration" in titles
     assert not re.search(r"<script[^>]*\bsrc=", html)  # no CDN (or any external) script
     assert "window.vegaEmbed" in html  # the inlined bundle defines what each chart's script calls
     by_title = dict(zip(titles, specs))
-    reward = [row for row in by_title["Batch reward and KL to the reference per PPO iteration"]["data"]["values"]
-              if "reward_mean" in row]
-    assert [int(row["step"]) for row in reward] == [1, 2]
+    reward = [row for row in by_title["Batch reward per PPO iteration"]["data"]["values"] if "reward_mean" in row]
+    assert [int(row["iteration"]) for row in reward] == [1, 2]
     for row in reward:
-        logged = json.loads((repo / f"metrics/iters/{row['step']}.json").read_text())["env/reward_mean"]
+        logged = json.loads((repo / f"metrics/iters/{row['iteration']}.json").read_text())["env/reward_mean"]
         assert float(row["reward_mean"]) == pytest.approx(logged)
+    kl = by_title["KL to the reference per PPO iteration"]["data"]["values"]
+    assert {"kl"} <= set(kl[0]) and "reward_mean" not in kl[0]  # reward and KL on their own axes
     samples = by_title["Held-out samples before and after PPO"]["data"]["values"]
     assert len(samples) == TINY_PARAMS["evaluate"]["samples"] and {"query", "response_after"} <= set(samples[0])
 
@@ -127,11 +130,11 @@ def test_adding_an_iteration_runs_only_its_stages(repo: Path) -> None:
 
 
 def test_forced_rerun_is_bit_identical(repo: Path) -> None:
-    before, metrics_before = out_hashes(repo), timeless_metrics(repo)
-    assert len(before) == 8 + 4 * len(TINY_PARAMS["iters"])  # every output but the wall-clock ones
+    before, metrics_before = out_hashes(repo), metrics_of(repo)
+    assert len(before) == 9 + 5 * len(TINY_PARAMS["iters"])  # every output, metrics and plots included
     sh(["dvc", "repro", "--force"], repo)
     assert out_hashes(repo) == before
-    assert timeless_metrics(repo) == metrics_before
+    assert metrics_of(repo) == metrics_before
 
 
 @pytest.mark.parametrize(("key", "value", "readers"), [

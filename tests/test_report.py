@@ -1,4 +1,4 @@
-"""The dvclive report and the offline `dvc plots show` page (no pipeline run needed)."""
+"""The plot data `evaluate` writes and the offline `dvc plots show` page (no pipeline run needed)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from minichatgpt.report import iteration_series, offline_html_template, reward_histogram, write_live
+from minichatgpt.report import iteration_rows, offline_html_template, reward_histogram
 
 
 def test_reward_histogram_counts_each_prompt_once_on_shared_edges() -> None:
@@ -29,24 +29,14 @@ def test_reward_histogram_counts_each_prompt_once_on_shared_edges() -> None:
     assert flat[0]["before"] == 1.0 and flat[0]["after"] == 1.0
 
 
-def test_iteration_series_keeps_logged_keys_in_iteration_order() -> None:
-    stats = {"10": {"env/reward_mean": 1.0, "loss/total": 3.0, "time/ppo/total": 2.0},
+def test_iteration_rows_are_in_iteration_order_with_plot_field_names() -> None:
+    stats = {"10": {"env/reward_mean": 1.0, "loss/total": 3.0, "objective/kl": 2.5},
              "2": {"env/reward_mean": 0.5, "iter": 2}}
-    series = iteration_series(stats)
-    assert list(series) == [2, 10]  # numeric, not string, order
-    assert series[10] == {"env/reward_mean": 1.0, "time/ppo/total": 2.0}
-    assert series[2] == {"env/reward_mean": 0.5}
-
-
-def test_write_live_logs_one_row_per_iteration(tmp_path) -> None:
-    series = {1: {"env/reward_mean": -0.1, "objective/kl": 0.0}, 2: {"env/reward_mean": 0.2, "objective/kl": 1.5}}
-    summary = {"reward_before": -0.1, "reward_after": 0.3, "reward_stderr": 0.01, "kl": 2.0, "kl_stderr": 0.1}
-    write_live(tmp_path / "live", series, summary, [{"reward": 0.0, "before": 0.5, "after": 0.5}])
-    tsv = (tmp_path / "live/plots/metrics/env/reward_mean.tsv").read_text().split()
-    assert tsv == ["step", "reward_mean", "1", "-0.1", "2", "0.2"]
-    metrics = json.loads((tmp_path / "live/metrics.json").read_text())
-    assert metrics["objective"]["kl"] == 1.5 and metrics["eval"]["reward_after"] == 0.3 and metrics["step"] == 2
-    assert not (tmp_path / "live/dvc.yaml").exists()  # dvc.yaml is the project's, not dvclive's
+    rows = iteration_rows(stats)
+    assert [row["iteration"] for row in rows] == [2, 10]  # numeric, not string, order
+    assert rows[1] == {"iteration": 10, "reward_mean": 1.0, "kl": 2.5}  # only plotted keys, Vega-safe names
+    assert rows[0] == {"iteration": 2, "reward_mean": 0.5}
+    json.dumps(rows)  # JSON-ready
 
 
 def test_offline_template_inlines_vega_and_keeps_dvc_placeholders() -> None:

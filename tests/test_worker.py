@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from minichatgpt.artifacts import write_table
+from minichatgpt.hermetic import stage_environ
 from tests.conftest import ROOT, TINY_PARAMS, tool_env
 from tests.test_stages import scored_table
 
@@ -35,7 +36,7 @@ def test_a_stage_run_by_the_worker_writes_the_bytes_of_a_cold_run_and_refuses_al
     cold = advantages(tmp_path, "cold.parquet", env | {"MINICHATGPT_WORKER": "0"})
     assert cold.returncode == 0, cold.stderr
     sock = Path(subprocess.run([sys.executable, "-c", "from minichatgpt.worker import socket_path; "
-                                "print(socket_path())"], env=env, capture_output=True, text=True,
+                                "print(socket_path())"], env=stage_environ(env), capture_output=True, text=True,
                                check=True).stdout.strip())
     first = advantages(tmp_path, "first.parquet", env)  # no worker yet: runs here, starts one
     assert first.returncode == 0, first.stderr
@@ -100,7 +101,7 @@ def test_the_worker_kills_the_child_of_a_killed_stage_and_reports_a_child_killed
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     sock = Path(subprocess.run([sys.executable, "-c", "from minichatgpt.worker import socket_path; "
-                                "print(socket_path())"], env=env, capture_output=True, text=True,
+                                "print(socket_path())"], env=stage_environ(env), capture_output=True, text=True,
                                check=True).stdout.strip())
     assert probe("return").wait() == 0  # no worker yet: runs here, starts one
     deadline = time.monotonic() + 120

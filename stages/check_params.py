@@ -1,0 +1,27 @@
+"""Validate every section of params.yaml before any other stage runs (check_params).
+
+DVC deletes a stage's outputs just before running it. Every other stage comes after this one,
+so a refused value (a typo, an unknown key added with `-S +section.key=...`, a value out of range)
+stops `dvc repro` / `dvc exp run` before any other output is touched. The output lists the
+settings the code declares (types and defaults): it changes with the code, never with valid
+values, so stages downstream are not invalidated by it.
+"""
+
+from minichatgpt.stage import parser, run
+
+
+def main() -> dict:
+    p = parser("check_params", __doc__)
+    p.add_argument("--out", default="data/params_schema.json", help="output: the declared settings")
+    args = p.parse_args()
+
+    from minichatgpt.artifacts import write_json
+    from minichatgpt.params import declared, load_yaml, validate_all
+
+    checked = validate_all(load_yaml(args.params))
+    write_json(declared(), args.out)
+    return {"sections": len(checked) - 1, "iterations": len(checked["iters"])}
+
+
+if __name__ == "__main__":
+    run("check_params", main)
