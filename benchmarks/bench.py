@@ -1,8 +1,10 @@
 """``make bench``: one PPO iteration timed three ways on the same models, prompts and PPO settings.
 
 1. TRL 0.11.4 legacy ``PPOTrainer`` (batched generation) in its own virtualenv;
-2. minichatgpt's in-process ``PPOTrainer`` (notebook API);
-3. ``dvc repro`` of one more iteration (rollout, score, advantages, update: four processes).
+2. minichatgpt's in-process ``PPOTrainer`` (notebook API), with the CPU's own kernels (native) and
+   again under the stages' portable kernel pins (``minichatgpt.hermetic.PINNED``): their ratio is
+   what bit-identical results across x86-64 CPUs cost;
+3. ``dvc repro`` of one more iteration (rollout, score, advantages, update: four processes, portable).
 
 Per batch size the three run back to back (so machine load hits all alike); each reports
 the median seconds per iteration after ``--warmup`` iterations. Also prints a FLOP lower
@@ -123,7 +125,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=5, help="measured iterations per batch size and contender")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads for every contender (1: robust to other load on a shared machine)")
-    ap.add_argument("--skip", default="", help="comma list of contenders to skip: trl,ours,dvc,dvc_cold")
+    ap.add_argument("--skip", default="", help="comma list of contenders to skip: trl,ours,portable,dvc,dvc_cold")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results.json"))
     ap.add_argument("--readme-from", help="only rewrite the README table from this results file")
     args = ap.parse_args()
@@ -155,7 +157,7 @@ def main() -> None:
         iters = [iteration_inputs(raw, bs, i) for i in range(1, total + 1)]
         work = workload(raw, [{"batch_size": bs, "iterations": iters}], threads)
         row: dict = {"batch_size": bs}
-        det: dict = {"trl": [], "ours": [], "dvc": []}
+        det: dict = {"trl": [], "ours": [], "portable": [], "dvc": []}
         workers = {}
         if "trl" not in skip:
             log(f"batch {bs}: starting TRL 0.11.4 worker")
@@ -164,6 +166,12 @@ def main() -> None:
             log(f"batch {bs}: starting minichatgpt in-process PPOTrainer worker")
             workers["ours"] = Worker(sys.executable, "ours_iter.py", work, f"ours-{bs}",
                                      ["--profile", str(WORK / f"profile-ours-{bs}.txt")])
+        if "portable" not in skip:
+            from minichatgpt.hermetic import PINNED
+
+            log(f"batch {bs}: starting the same under the stages' portable kernel pins")
+            pins = {k: v for k, v in PINNED.items() if k != "OMP_NUM_THREADS"}  # threads as the others
+            workers["portable"] = Worker(sys.executable, "ours_iter.py", work, f"portable-{bs}", env_extra=pins)
         repo = None
         if "dvc" not in skip:
             def edit(p: dict, bs: int = bs) -> None:
@@ -172,7 +180,7 @@ def main() -> None:
                 p["iters"] = {str(i): {"prev": str(i - 1)} for i in range(1, total + 1)}
 
             repo = scratch_repo(f"dvc-{bs}", edit)
-        contenders = [c for c in ("trl", "ours", "dvc") if c not in skip]
+        contenders = [c for c in ("trl", "ours", "portable", "dvc") if c not in skip]
         if "dvc" not in skip and "dvc_cold" not in skip and bs == sizes[-1]:
             # the same without the warm worker: every stage a cold process (MINICHATGPT_WORKER=0)
             repo_cold = scratch_repo(f"dvc-cold-{bs}", edit)
@@ -204,6 +212,11 @@ def main() -> None:
         if "ours" in measured:
             row["inprocess_s_per_iter"] = median([x["s"] for x in measured["ours"]])
             row["inprocess_peak_rss_mb"] = det["ours_worker"]["peak_rss_mb"]
+        if "portable" in measured:
+            row["portable_s_per_iter"] = median([x["s"] for x in measured["portable"]])
+            if "ours" in measured:  # what the portable kernels cost, iteration by iteration
+                row["portable_vs_native_paired"] = median(
+                    [a["s"] / b["s"] for a, b in zip(measured["portable"], measured["ours"])])
         if "dvc" in measured:
             m = measured["dvc"]
             row |= dvc_columns("dvc", m)
@@ -235,7 +248,8 @@ def main() -> None:
 
     largest = rows[-1]
     results = {
-        **{k: largest.get(k) for k in ("batch_size", "trl_s_per_iter", "inprocess_s_per_iter", "dvc_s_per_iter",
+        **{k: largest.get(k) for k in ("batch_size", "trl_s_per_iter", "inprocess_s_per_iter", "portable_s_per_iter",
+                                       "portable_vs_native_paired", "dvc_s_per_iter",
                                        "dvc_stages_s_per_iter", "dvc_cold_s_per_iter", "flop_bound_s_per_iter",
                                        "inprocess_vs_trl", "dvc_vs_trl", "dvc_stages_vs_trl", "dvc_cold_vs_trl")},
         "table": rows,
@@ -267,21 +281,27 @@ def markdown_table(rows: list[dict], gflops: float, detail: dict | None = None, 
     def f(x, fmt="{:.2f}"):
         return fmt.format(x) if isinstance(x, (int, float)) else "–"
 
-    lines = ["| batch | TRL s/iter | in-process s/iter | dvc: the four stages s/iter | dvc: whole command s/iter "
+    lines = ["| batch | TRL s/iter | in-process s/iter | in-process portable s/iter (÷ native) "
+             "| dvc: the four stages s/iter | dvc: whole command s/iter "
              "| FLOP bound s/iter | in-process ÷ TRL | dvc ÷ TRL: four stages / whole command "
              "| dvc stages rollout/score/adv/update s | stage peak RSS MB | DVC cache MB/iter |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         st = r.get("dvc_stage_s", {})
         rss = r.get("dvc_stage_peak_rss_mb", {})
         lines.append(
             f"| {r['batch_size']} | {f(r.get('trl_s_per_iter'))} | {f(r.get('inprocess_s_per_iter'))} "
+            f"| {f(r.get('portable_s_per_iter'))} ({f(r.get('portable_vs_native_paired'))}) "
             f"| {f(r.get('dvc_stages_s_per_iter'))} | {f(r.get('dvc_s_per_iter'))} "
             f"| {f(r.get('flop_bound_s_per_iter'))} | {f(r.get('inprocess_vs_trl'))} "
             f"| {f(r.get('dvc_stages_vs_trl'))} / {f(r.get('dvc_vs_trl'))} "
             f"| {'/'.join(f(st.get(k)) for k in STAGES) if st else '–'} "
             f"| {'/'.join(f(rss.get(k), '{:.0f}') for k in STAGES) if rss else '–'} "
             f"| {f(r.get('dvc_cache_bytes_per_iter', None) and r['dvc_cache_bytes_per_iter'] / 2**20)} |")
+    lines.append("\n*In-process portable*: the same in-process run with the kernel pins every stage runs under "
+                 "(ATen AVX2, MKL's vendor-neutral SSE2 branch, ...), so that results are bit-identical on any "
+                 "x86-64 CPU with AVX2; in brackets its per-iteration ratio to the native run. The dvc contenders "
+                 "always run portable; TRL runs native.")
     lines.append("\n*The four stages*: from DVC's first `Running stage` line to its exit (stage processes, "
                  "output hashing and caching, `dvc.lock` rewrites). *Whole command*: from starting "
                  "`dvc repro update@i` to its exit, so DVC's own start-up and its status checks of every "

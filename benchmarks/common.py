@@ -126,7 +126,8 @@ class Worker:
     """A contender process (trl_iter.py / ours_iter.py) driven one iteration at a time, so the
     harness can interleave contenders and machine load falls on all of them alike."""
 
-    def __init__(self, python: Path | str, script: str, work: dict, name: str, extra: list[str] | None = None):
+    def __init__(self, python: Path | str, script: str, work: dict, name: str, extra: list[str] | None = None,
+                 env_extra: dict[str, str] | None = None):
         wpath = WORK / f"{name}.workload.json"
         wpath.write_text(json.dumps(work))
         self.log_path = WORK / f"{name}.log"
@@ -134,6 +135,7 @@ class Worker:
                             "OMP_NUM_THREADS": str(work["threads"])}
         if "trl" in script:  # keep the project (transformers 5) off the TRL side's path
             env.pop("PYTHONPATH", None)
+        env |= env_extra or {}
         self.name = name
         self.proc = subprocess.Popen(
             [str(python), str(ROOT / "benchmarks" / script), str(wpath), *(extra or [])], cwd=ROOT, env=env,

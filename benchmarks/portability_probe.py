@@ -110,6 +110,10 @@ def main() -> None:
     hashes["softmax"] = h(torch.softmax(x, dim=-1))
     hashes["log_softmax"] = h(torch.log_softmax(x, dim=-1))
     hashes["sum"] = h(torch.stack([x.sum(), x.sum(dim=0).sum(), x.exp().sum(dim=1).sum()]))
+    # element-wise ops that torch routes to MKL VML (depends on MKL_CBWR)
+    v = torch.rand(1 << 14) * 1e-5
+    hashes["vml_sqrt"] = h(torch.sqrt(v))
+    hashes["vml_exp"] = h(torch.exp(x))
     timing["softmax"] = round(time.perf_counter() - t, 3)
 
     # (c) tiny GPT-2: forward, CE loss, backward, one Adam step; (d) sampling
@@ -136,6 +140,15 @@ def main() -> None:
         out["gpt2_loss"] = float(res.loss.detach())
         res.loss.backward()
         hashes["gpt2_grads"] = h(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        # fused=True uses ATen's own vectorised kernel; the default (for-loop /
+        # foreach) path calls torch.sqrt, which goes to MKL VML on x86.
+        twins = []
+        for p in model.parameters():
+            q = torch.nn.Parameter(p.detach().clone())
+            q.grad = p.grad.detach().clone()
+            twins.append(q)
+        torch.optim.Adam(twins, lr=1e-3, fused=True).step()
+        hashes["gpt2_params_after_fused_adam"] = h(torch.cat([q.detach().flatten() for q in twins]))
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         opt.step()
         hashes["gpt2_params_after_adam"] = h(torch.cat([p.detach().flatten() for p in model.parameters()]))

@@ -41,9 +41,12 @@ TRANSFORMERS_* but the offline switch, DVC_*, cloud credentials ...) is dropped.
 PINNED = {
     # ATen's own vectorised kernels (reductions, softmax, GELU, Adam, sampling): 256-bit on every CPU
     "ATEN_CPU_CAPABILITY": "avx2",
-    # MKL's sgemm (every float32 matmul): its SSE2 branch without approximate reciprocals is the one
-    # Intel guarantees to give the same bits on Intel and non-Intel CPUs (AVX2 is honoured on Intel only)
+    # MKL: sgemm (every float32 matmul) and VML (torch.exp, log, ...). Its SSE2 branch without
+    # approximate reciprocals is the one Intel guarantees to give the same bits on Intel and
+    # non-Intel CPUs (AVX2 is honoured on Intel only: an emulated AMD CPU gave other gradients)
     "MKL_CBWR": "COMPATIBLE",
+    # NumPy's runtime-dispatched kernels (float64 exp/log differ between AVX-512 and AVX2)
+    "NPY_DISABLE_CPU_FEATURES": "X86_V4 AVX512_ICL AVX512_SPR",
     # oneDNN (bf16 / mixed-precision paths): no AVX-512 or AMX kernels
     "ONEDNN_MAX_CPU_ISA": "AVX2",
     # Arrow's compute kernels

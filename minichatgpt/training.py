@@ -25,7 +25,9 @@ def _lr_at(step: int, max_steps: int, peak: float, warmup: int) -> float:
 
 def _train_steps(model: torch.nn.Module, max_steps: int, lr: float, desc: str, loss_at) -> None:
     """AdamW with linear warm-up and cosine decay for a fixed number of steps."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    # fused: ATen's kernel (pinned by ATEN_CPU_CAPABILITY); the for-each path takes sqrt from MKL VML,
+    # whose result depends on the CPU even with MKL_CBWR pinned (benchmarks/portability_probe.py)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, fused=True)
     warmup = max(1, max_steps // 20)
     model.train()
     bar = tqdm(range(max_steps), desc=desc, mininterval=5)

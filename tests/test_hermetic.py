@@ -99,6 +99,11 @@ def test_forced_rerun_under_any_caller_environment_and_cpu_level_is_bit_identica
     assert "up to date" in sh(["dvc", "status"], pipeline_repo).stdout
 
 
+RECOVERY = [line.split("$ ", 1)[1] for line in (ROOT / "README.md").read_text().splitlines()
+            if line.startswith("$ git rm") or line.startswith("$ dvc checkout")]
+"""The README's commands that undo a refused `dvc exp run -S` (as the README shows them)."""
+
+
 def stages_run(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", output))
 
@@ -113,13 +118,14 @@ def test_repeating_an_experiment_restores_every_stage_from_the_run_cache(pipelin
         assert stages_run(back.stdout) == set(), back.stdout
         assert "Stage 'evaluate' is cached" in back.stdout and "Stage 'update@2' is cached" in back.stdout
     finally:
-        sh(["git", "checkout", "--", "."], pipeline_repo)
+        sh(["git", "rm", "-q", "--cached", "params.yaml"], pipeline_repo)
+        sh(["git", "checkout", "HEAD", "--", "."], pipeline_repo)
         sh(["dvc", "checkout", "--force"], pipeline_repo)
 
 
 @pytest.mark.e2e
 @pytest.mark.parametrize(("setting", "needle"), [
-    ("ppo.cliprange=0", "ppo.cliprange=0 is not allowed"),
+    ("ppo.cliprange=0", "ppo.cliprange=0.0 is not allowed; expected > 0"),
     ("+ppo.lr=1e-4", "unknown key ppo.lr; did you mean ppo.learning_rate?"),
     ("+runtime.thread=4", "unknown key runtime.thread; did you mean runtime.threads?"),
     ("iters.2.prev='0'", "iters.2.prev='0' is not allowed"),
@@ -128,16 +134,18 @@ def test_a_refused_param_deletes_nothing_and_the_readme_recovery_is_clean(pipeli
     tracked = ("data", "checkpoints", "models", "metrics", "runs")
     before = {str(p): p.read_bytes() for d in tracked for p in sorted((pipeline_repo / d).rglob("*")) if p.is_file()}
     run = sh(["dvc", "exp", "run", "-S", setting], pipeline_repo, check=False)
+    assert len(RECOVERY) == 2
     try:
         assert run.returncode != 0
         assert stages_run(run.stdout + run.stderr) == {"check_params"}
         assert needle in run.stdout + run.stderr
-        sh(["git", "checkout", "params.yaml"], pipeline_repo)  # the README's recovery
-        sh(["dvc", "checkout"], pipeline_repo)
+        for command in RECOVERY:  # the README's recovery, verbatim
+            subprocess.run(command, shell=True, cwd=pipeline_repo, env=tool_env(), check=True)
         after = {str(p): p.read_bytes() for d in tracked for p in sorted((pipeline_repo / d).rglob("*"))
                  if p.is_file()}
         assert after == before
         assert "up to date" in sh(["dvc", "status"], pipeline_repo).stdout
     finally:
-        sh(["git", "checkout", "--", "."], pipeline_repo)
+        sh(["git", "rm", "-q", "--cached", "params.yaml"], pipeline_repo)
+        sh(["git", "checkout", "HEAD", "--", "."], pipeline_repo)
         sh(["dvc", "checkout", "--force"], pipeline_repo)
