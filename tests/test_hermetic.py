@@ -149,3 +149,20 @@ def test_a_refused_param_deletes_nothing_and_the_readme_recovery_is_clean(pipeli
         sh(["git", "rm", "-q", "--cached", "params.yaml"], pipeline_repo)
         sh(["git", "checkout", "HEAD", "--", "."], pipeline_repo)
         sh(["dvc", "checkout", "--force"], pipeline_repo)
+
+
+def test_a_saved_tokenizer_holds_no_load_time_settings(tmp_path: Path) -> None:
+    """transformers writes how a tokenizer was loaded (local_files_only, from HF_HUB_OFFLINE) back into
+    tokenizer_config.json; a checkpoint must hold the same bytes however its input was loaded."""
+    from transformers import AutoTokenizer
+
+    from minichatgpt.models import save_tokenizer, train_bpe_tokenizer
+
+    save_tokenizer(train_bpe_tokenizer(["a good film", "a bad film"] * 20, 300), tmp_path / "first")
+    written = []
+    for offline in (True, False):
+        loaded = AutoTokenizer.from_pretrained(tmp_path / "first", local_files_only=offline)
+        save_tokenizer(loaded, tmp_path / str(offline))
+        written.append((tmp_path / str(offline) / "tokenizer_config.json").read_bytes())
+    assert written[0] == written[1] == (tmp_path / "first" / "tokenizer_config.json").read_bytes()
+    assert b"local_files_only" not in written[0]

@@ -233,3 +233,4 @@ def test_repo_params_yaml_validates():
     its = iterations(raw)
     assert list(its) == [str(n) for n in range(1, len(its) + 1)]
     assert all(it.prev == str(int(key) - 1) for key, it in its.items())
+

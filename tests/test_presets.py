@@ -38,9 +38,14 @@ def test_workflow_is_valid_yaml_and_runs_the_readme_commands() -> None:
     commands = [line.strip() for step in steps for line in step.get("run", "").splitlines() if line.strip()]
     readme = (ROOT / "README.md").read_text()
     code_lines = {line.strip() for block in readme.split("```")[1::2] for line in block.splitlines()}
+    code_lines = {line.split("  #")[0].strip() for line in code_lines}
     missing = [c for c in commands if c not in code_lines and not c.startswith("git config")]
     assert not missing, f"workflow commands not in a README code block: {missing}"
-    assert "make test" in commands and ".venv/bin/dvc repro" in commands
+    assert "make test" in commands and "dvc repro" in commands
+    # every step that runs dvc puts the project's interpreter first: stage commands run `python`
+    for step in steps:
+        if "dvc " in step.get("run", ""):
+            assert step["run"].lstrip().startswith('export PATH="$PWD/.venv/bin:$PATH"'), step["name"]
 
 
 def test_package_refs_resolve_to_installed_files_and_gguf_loads_via_gguf_file() -> None:
