@@ -176,7 +176,7 @@ def scratch_repo(name: str, params_edit) -> Path:
         if src.is_file() and not rel.startswith("benchmarks/"):
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
-    for rel in ("data/corpus.parquet", "data/prompts.parquet"):
+    for rel in ("data/params_schema.json", "data/corpus.parquet", "data/prompts.parquet"):
         shutil.copy2(ROOT / rel, dest / rel)
     for rel in ("checkpoints/0", "models/reward"):
         shutil.copytree(ROOT / rel, dest / rel)
@@ -186,7 +186,7 @@ def scratch_repo(name: str, params_edit) -> Path:
     (dest / "dvc.lock").unlink(missing_ok=True)
     sh(["git", "init", "-q"], cwd=dest)
     dvc = str(Path(sys.executable).parent / "dvc")
-    sh([dvc, "commit", "-f", "-q", "prepare", "pretrain", "train_reward"], cwd=dest)
+    sh([dvc, "commit", "-f", "-q", "check_params", "prepare", "pretrain", "train_reward"], cwd=dest)
     return dest
 
 
