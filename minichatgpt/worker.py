@@ -67,11 +67,47 @@ def _temp_dir() -> str:
     return "/tmp"
 
 
-def socket_path() -> str:
+def private_dir() -> str | None:
+    """This user's socket directory (mode 0700, owned by us, not a link), created if missing;
+    None if the name is taken by anything else (another user's directory, a link, a file).
+
+    In a shared temp directory a predictable socket name can be bound by another local user
+    once our worker idles out; inside a directory only we can write to, it cannot."""
+    path = os.path.join(_temp_dir(), f"minichatgpt-{os.getuid()}")
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError:
+        return None
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    import stat
+
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        return None
+    return path
+
+
+def socket_path() -> str | None:
+    """The worker socket for this interpreter, package and environment; None: no safe place for one."""
+    directory = private_dir()
+    if directory is None:
+        return None
     env = sorted((k, v) for k, v in os.environ.items() if k.startswith(KEY_ENV) and k != IN_CHILD)
     key = json.dumps([sys.executable, sys.version, PACKAGE, env])
     digest = _sha256_hex(key.encode())[:16]
-    return os.path.join(_temp_dir(), f"minichatgpt-{os.getuid()}-{digest}.sock")
+    return os.path.join(directory, f"{digest}.sock")
+
+
+def peer_uid(conn: socket.socket) -> int | None:
+    """The uid of the process listening on the other end of a connected Unix socket (Linux)."""
+    if not hasattr(socket, "SO_PEERCRED"):
+        return None
+    _pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    return uid
 
 
 # ------------------------------------------------------------------------------ client
@@ -81,6 +117,8 @@ def delegate() -> int | None:
     if not enabled():
         return None
     path = socket_path()
+    if path is None:  # no private directory for the socket: never talk to whatever is there
+        return None
     try:
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         conn.connect(str(path))
@@ -88,6 +126,9 @@ def delegate() -> int | None:
         spawn(path)
         return None
     try:
+        if peer_uid(conn) != os.getuid():  # not our worker: send it nothing (no environment, no descriptors)
+            conn.close()
+            return None
         header = json.dumps({"argv": sys.argv, "cwd": os.getcwd(), "env": dict(os.environ)}).encode()
         socket.send_fds(conn, [struct.pack("!I", len(header)) + header], [0, 1, 2])
         reply = b""

@@ -125,6 +125,8 @@ def _spare(worker: int, listener: socket.socket, channel: socket.socket, watched
             obj.close()
         conn, _ = listener.accept()
         listener.close()
+        if client.peer_uid(conn) != os.getuid():  # only our own stages (the directory is ours alone anyway)
+            os._exit(1)
         request, fds = _recv_request(conn)
         if _stat(watched) != snapshot:  # code changed under the worker: let the client run it cold
             conn.sendall(b'{"stale": true}\n')

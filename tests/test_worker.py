@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from minichatgpt.artifacts import write_table
@@ -134,3 +135,57 @@ def test_the_worker_kills_the_child_of_a_killed_stage_and_reports_a_child_killed
     served = probe("return")  # and the worker still serves the next stage
     _, err = served.communicate(timeout=60)
     assert served.returncode == 0 and "[worker] probe.py" in err, err
+
+
+SQUATTER = '''
+import os, socket, sys
+path = sys.argv[1]
+listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+listener.bind(path)
+os.chmod(path, 0o777)
+os.setgid(65534)
+os.setuid(65534)  # before listen(): a client's SO_PEERCRED then names this uid
+listener.listen(4)
+print("ready", flush=True)
+listener.settimeout(float(sys.argv[2]))
+received = 0
+try:
+    conn, _ = listener.accept()
+    conn.settimeout(5)
+    while chunk := conn.recv(65536):
+        received += len(chunk)
+except OSError:
+    pass
+print(received, flush=True)
+'''
+
+
+@pytest.mark.skipif(not hasattr(os, "getuid") or os.getuid() != 0, reason="needs root to act as a second uid")
+@pytest.mark.parametrize("where", ["their directory", "our directory"])
+def test_a_squatter_of_another_uid_receives_nothing_and_the_stage_still_runs(tmp_path: Path, where: str) -> None:
+    """Another user bound the worker's socket name: in a directory they own (the client refuses the
+    directory), or, as root could, in ours (the client checks the listener's uid and sends nothing)."""
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS))
+    write_table(scored_table(), tmp_path / "scored.parquet", "scored")
+    env = env_for(tmp_path, TMPDIR=str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir(mode=0o1777)
+    sock = Path(subprocess.run([sys.executable, "-c", "from minichatgpt.worker import socket_path; "
+                                "print(socket_path())"], env=stage_environ(env), capture_output=True, text=True,
+                               check=True).stdout.strip())
+    assert sock.parent.stat().st_mode & 0o777 == 0o700 and sock.parent.stat().st_uid == os.getuid()
+    if where == "their directory":
+        sock.parent.rmdir()
+        sock.parent.mkdir(mode=0o777)
+        os.chmod(sock.parent, 0o777)
+        os.chown(sock.parent, 65534, 65534)
+    squatter = subprocess.Popen([sys.executable, "-c", SQUATTER, str(sock), "20"], stdout=subprocess.PIPE, text=True)
+    assert squatter.stdout.readline().strip() == "ready"
+    assert advantages(tmp_path, "cold.parquet", env | {"MINICHATGPT_WORKER": "0"}).returncode == 0
+    run = advantages(tmp_path, "out.parquet", env)
+    if where == "their directory":
+        squatter.send_signal(signal.SIGINT)
+    received = squatter.communicate(timeout=60)[0].strip().splitlines()
+    assert run.returncode == 0, run.stderr
+    assert "[worker]" not in run.stderr and "[advantages] done in" in run.stderr  # ran here, in its own process
+    assert (tmp_path / "out.parquet").read_bytes() == (tmp_path / "cold.parquet").read_bytes()
+    assert received in ([], ["0"]), f"the squatter received {received} bytes"
