@@ -16,9 +16,14 @@ def main() -> dict:
     args = p.parse_args()
 
     from minichatgpt.artifacts import write_json
-    from minichatgpt.params import declared, load_yaml, validate_all
+    from minichatgpt.params import ParamsError, declared, load_yaml, validate_all
 
     checked = validate_all(load_yaml(args.params))
+    data, gen, pretrain = checked["data"], checked["generation"], checked["pretrain"]
+    room = pretrain.n_positions - data.input_max_text_length
+    if pretrain.model == "embedded" and gen.output_max_length > room:  # rollout@1 would find out too late
+        raise ParamsError(f"params.yaml: generation.output_max_length={gen.output_max_length} is not allowed; "
+                          f"expected <= pretrain.n_positions - data.input_max_text_length ({room})")
     write_json(declared(), args.out)
     return {"sections": len(checked) - 1, "iterations": len(checked["iters"])}
 

@@ -129,6 +129,7 @@ def test_repeating_an_experiment_restores_every_stage_from_the_run_cache(pipelin
     ("+ppo.lr=1e-4", "unknown key ppo.lr; did you mean ppo.learning_rate?"),
     ("+runtime.thread=4", "unknown key runtime.thread; did you mean runtime.threads?"),
     ("iters.2.prev='0'", "iters.2.prev='0' is not allowed"),
+    ("generation.output_max_length=60", "generation.output_max_length=60 is not allowed; expected <= "),
 ])
 def test_a_refused_param_deletes_nothing_and_the_readme_recovery_is_clean(pipeline_repo: Path, setting, needle):
     tracked = ("data", "checkpoints", "models", "metrics", "runs")
