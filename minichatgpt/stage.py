@@ -7,9 +7,9 @@ written, because outputs are only moved into place after the stage succeeds.
 Before anything else a stage process puts itself under the stage environment
 (:mod:`minichatgpt.hermetic`: the caller's settings dropped, CPU kernels pinned), so
 its outputs depend on code, params and inputs only. Then it hands its whole run to a
-warm worker when one is available (:mod:`minichatgpt.worker`): a forked copy of a process that has already imported
-torch and transformers runs the same script with the same argv, cwd, environment
-and file descriptors, so only the ~4 s of imports is skipped. Without a worker
+warm worker when one is available (:mod:`minichatgpt.worker`): a forked copy of a
+process that has already imported torch and transformers runs the same script with the
+same argv, cwd, environment and file descriptors, so only the ~4 s of imports is skipped. Without a worker
 (or with ``MINICHATGPT_WORKER=0``) the stage runs in its own process as before.
 """
 
