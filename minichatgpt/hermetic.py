@@ -65,9 +65,6 @@ PINNED = {
 }
 """Fixed values every stage process runs with."""
 
-THREADING_PREFIXES = ("OMP_", "GOMP_", "KMP_", "MKL_")
-"""Settings of OpenMP and MKL's thread runtimes (threads, affinity, scheduling)."""
-
 _REEXEC = "_MINICHATGPT_HERMETIC"
 """Set on the re-executed process: a second mismatch is reported instead of looping."""
 
@@ -115,6 +112,6 @@ def pin_this_process() -> None:
     loaded = [m for m in ("torch", "numpy", "pyarrow", "tokenizers") if m in sys.modules]
     if loaded:
         raise RuntimeError(f"pin_this_process() must run before importing {', '.join(loaded)}")
-    for key in [k for k in os.environ if k.startswith(THREADING_PREFIXES) and k not in pins]:
-        del os.environ[key]  # as stage_environ drops them: the thread runtimes' own settings
+    for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "KMP_AFFINITY", "OMP_SCHEDULE"):
+        os.environ.pop(key, None)
     os.environ.update(pins)
