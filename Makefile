@@ -15,7 +15,7 @@ $(BIN)/.installed: pyproject.toml
 	@if [ -n "$(TORCH_SPEC)" ] && ! command -v nvidia-smi >/dev/null 2>&1; then \
 		echo "no CUDA here: installing $(TORCH_SPEC) first"; $(BIN)/pip install -q "$(TORCH_SPEC)"; fi
 	$(BIN)/pip install -q -e ".[dev]"
-	$(BIN)/python -m minichatgpt.report .dvc/plots/offline.html
+	$(BIN)/python -m minichatgpt.pipeline.report .dvc/plots/offline.html
 	touch $@
 
 install: $(BIN)/.installed
@@ -38,7 +38,7 @@ test: bytecode
 	$(BIN)/pytest -q
 
 plots: install
-	$(BIN)/python -m minichatgpt.report .dvc/plots/offline.html
+	$(BIN)/python -m minichatgpt.pipeline.report .dvc/plots/offline.html
 	$(BIN)/dvc plots show
 
 bench: bytecode

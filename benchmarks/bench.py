@@ -167,7 +167,7 @@ def main() -> None:
             workers["ours"] = Worker(sys.executable, "ours_iter.py", work, f"ours-{bs}",
                                      ["--profile", str(WORK / f"profile-ours-{bs}.txt")])
         if "portable" not in skip:
-            from minichatgpt.hermetic import PINNED
+            from minichatgpt.runtime.hermetic import PINNED
 
             log(f"batch {bs}: starting the same under the stages' portable kernel pins")
             pins = {k: v for k, v in PINNED.items() if k != "OMP_NUM_THREADS"}  # threads as the others

@@ -28,8 +28,8 @@ def save_gpt2_124m(dest: Path) -> int:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from minichatgpt.data import load_reviews
-    from minichatgpt.models import train_bpe_tokenizer
+    from minichatgpt.models.tokenizer import train_bpe_tokenizer
+    from minichatgpt.pipeline.data import load_reviews
 
     torch.manual_seed(0)
     tokenizer = train_bpe_tokenizer(load_reviews()["text"].to_pylist()[:2000], 2048)

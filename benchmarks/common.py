@@ -72,7 +72,7 @@ def write_initial_value_head(seed: int) -> Path:
     """minichatgpt's seeded initial value head, handed to TRL so both start from the same weights."""
     from safetensors.torch import save_file
 
-    from minichatgpt.models import PolicyWithValueHead, load_causal_lm
+    from minichatgpt.models.policy import PolicyWithValueHead, load_causal_lm
 
     policy = PolicyWithValueHead(load_causal_lm(ROOT / "checkpoints/0"), seed=seed)
     path = WORK / "value_head0.safetensors"
@@ -86,10 +86,9 @@ def iteration_inputs(raw: dict, batch_size: int, iteration: int, split: str = "t
     import numpy as np
     import pyarrow.parquet as pq
 
-    from minichatgpt.iteration import encode_queries, sample_prompts
-    from minichatgpt.models import load_tokenizer
+    from minichatgpt.models.tokenizer import load_tokenizer
     from minichatgpt.params import section
-    from minichatgpt.seeding import stage_seed
+    from minichatgpt.ppo.steps import encode_queries, sample_prompts, stage_seed
 
     ppo, gen = section(raw, "ppo"), section(raw, "generation")
     seed = stage_seed(ppo.seed, "rollout", iteration)
@@ -197,7 +196,7 @@ def stop_warm_workers(var: str, value: str) -> None:
 
     for proc in psutil.process_iter(["cmdline"]):
         try:
-            if "minichatgpt.worker_server" in (proc.info["cmdline"] or []) and proc.environ().get(var) == value:
+            if "minichatgpt.runtime.worker_server" in (proc.info["cmdline"] or []) and proc.environ().get(var) == value:
                 proc.terminate()
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue

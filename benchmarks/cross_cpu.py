@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from minichatgpt.hermetic import stage_environ  # noqa: E402
+from minichatgpt.runtime.hermetic import stage_environ  # noqa: E402
 from tests.conftest import TINY_PARAMS, make_pipeline_repo, out_hashes_of, tool_env  # noqa: E402
 
 

@@ -50,8 +50,8 @@ def held_out_figures(ckpt: Path, reference, reward, prompts, gen, seed: int) -> 
     """Mean reward-model score and summed KL to the reference on the held-out prompts."""
     import numpy as np
 
-    from minichatgpt.iteration import reference_logprobs, rollout
-    from minichatgpt.models import load_policy
+    from minichatgpt.models.policy import load_policy
+    from minichatgpt.ppo.steps import reference_logprobs, rollout
 
     policy, tokenizer, _ = load_policy(ckpt, seed)
     table = rollout(policy, tokenizer, prompts, gen, seed, progress=False)
@@ -77,11 +77,10 @@ def main() -> None:
     import torch
     import yaml
 
-    from minichatgpt.iteration import sample_prompts
-    from minichatgpt.models import load_causal_lm
+    from minichatgpt.models.policy import load_causal_lm
+    from minichatgpt.models.reward import RewardModel
     from minichatgpt.params import iterations, section
-    from minichatgpt.reward import RewardModel
-    from minichatgpt.seeding import stage_seed
+    from minichatgpt.ppo.steps import sample_prompts, stage_seed
 
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     n_iters = len(iterations(raw))

@@ -26,8 +26,8 @@ class Runner:
 
         from minichatgpt import PPOTrainer
         from minichatgpt.experiments.imdb import PPOConfig
-        from minichatgpt.models import load_causal_lm, load_policy
-        from minichatgpt.reward import RewardModel
+        from minichatgpt.models.policy import load_causal_lm, load_policy
+        from minichatgpt.models.reward import RewardModel
 
         self.import_s = time.perf_counter() - t0
         torch.set_num_threads(work["threads"])
@@ -68,7 +68,7 @@ class Runner:
             Path(profile).write_text(buf.getvalue())
         self.done += 1
         if self.save_dir:
-            from minichatgpt.models import save_policy
+            from minichatgpt.models.policy import save_policy
 
             save_policy(Path(self.save_dir) / str(self.done), self.trainer.model, self.tokenizer)
         return {

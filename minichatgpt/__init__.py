@@ -1,6 +1,8 @@
 """minichatgpt: reproducible RLHF with PPO as a DVC pipeline.
 
-Heavy imports are lazy so that stages needing only pyarrow/numpy start fast.
+``minichatgpt.Lab`` and ``minichatgpt.PPOTrainer`` (the notebook API) are imported on
+first use, so that a stage process, which imports this package too, loads neither them
+nor torch before it needs to.
 """
 
 from __future__ import annotations
@@ -12,14 +14,12 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 __all__ = ["Lab", "PPOTrainer"]
 
+_NOTEBOOK_API = {"Lab": "minichatgpt.notebook.lab", "PPOTrainer": "minichatgpt.notebook.trainer"}
+
 
 def __getattr__(name: str) -> Any:
-    if name == "Lab":
-        from minichatgpt.lab import Lab
+    if name in _NOTEBOOK_API:
+        import importlib
 
-        return Lab
-    if name == "PPOTrainer":
-        from minichatgpt.trainer import PPOTrainer
-
-        return PPOTrainer
+        return getattr(importlib.import_module(_NOTEBOOK_API[name]), name)
     raise AttributeError(f"module 'minichatgpt' has no attribute {name!r}")

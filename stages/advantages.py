@@ -4,7 +4,7 @@ Reads only ``ppo.gamma``, ``ppo.lam`` and ``ppo.whiten_rewards``; imports torch 
 so it starts in about a second.
 """
 
-from minichatgpt.stage import parser, run
+from minichatgpt.runtime.stage import parser, run
 
 
 def main() -> dict:
@@ -14,13 +14,13 @@ def main() -> dict:
     p.add_argument("--out", required=True)
     args = p.parse_args()
 
-    from minichatgpt.artifacts import read_table, write_table
     from minichatgpt.params import load_yaml, section
+    from minichatgpt.pipeline.artifacts import read_table, write_table
 
     ppo = section(load_yaml(args.params), "ppo")
     scored = read_table(args.scored, "scored")
 
-    from minichatgpt.iteration import advantages
+    from minichatgpt.ppo.steps import advantages
 
     table = advantages(scored, ppo.gamma, ppo.lam, ppo.whiten_rewards)
     write_table(table, args.out, "advantages")

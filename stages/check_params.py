@@ -7,7 +7,7 @@ settings the code declares (types and defaults): it changes with the code, never
 values, so stages downstream are not invalidated by it.
 """
 
-from minichatgpt.stage import parser, run
+from minichatgpt.runtime.stage import parser, run
 
 
 def main() -> dict:
@@ -15,8 +15,8 @@ def main() -> dict:
     p.add_argument("--out", default="data/params_schema.json", help="output: the declared settings")
     args = p.parse_args()
 
-    from minichatgpt.artifacts import write_json
     from minichatgpt.params import ParamsError, declared, load_yaml, validate_all
+    from minichatgpt.pipeline.artifacts import write_json
 
     checked = validate_all(load_yaml(args.params))
     data, gen, pretrain = checked["data"], checked["generation"], checked["pretrain"]

@@ -2,7 +2,7 @@
 and seed, KL of the final policy to the reference, before/after samples, and the plot data
 that dvc.yaml declares (per-iteration training statistics, held-out reward distribution)."""
 
-from minichatgpt.stage import parser, run
+from minichatgpt.runtime.stage import parser, run
 
 
 def main() -> dict:
@@ -21,10 +21,10 @@ def main() -> dict:
     import json
     from pathlib import Path
 
-    from minichatgpt.artifacts import read_table, write_json
     from minichatgpt.params import iterations, load_yaml, section
-    from minichatgpt.seeding import stage_seed
-    from minichatgpt.stage import setup_torch
+    from minichatgpt.pipeline.artifacts import read_table, write_json
+    from minichatgpt.ppo.steps import stage_seed
+    from minichatgpt.runtime.stage import setup_torch
 
     raw = load_yaml(args.params)
     params, gen, runtime = section(raw, "evaluate"), section(raw, "generation"), section(raw, "runtime")
@@ -41,9 +41,9 @@ def main() -> dict:
         stats[key] = json.loads(file.read_text())
     setup_torch(runtime.threads)
 
-    from minichatgpt.evaluation import evaluate
-    from minichatgpt.iteration import sample_prompts
-    from minichatgpt.report import iteration_rows, reward_histogram
+    from minichatgpt.pipeline.evaluation import evaluate
+    from minichatgpt.pipeline.report import iteration_rows, reward_histogram
+    from minichatgpt.ppo.steps import sample_prompts
 
     held_out = sample_prompts(prompts, "eval", None, None)
     seed = stage_seed(params.seed, "evaluate")

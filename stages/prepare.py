@@ -1,6 +1,6 @@
 """Split the review corpus and build the prompt set (train / held-out eval)."""
 
-from minichatgpt.stage import parser, run
+from minichatgpt.runtime.stage import parser, run
 
 
 def main() -> dict:
@@ -10,9 +10,9 @@ def main() -> dict:
     p.add_argument("--prompts", default="data/prompts.parquet", help="output: prompt table")
     args = p.parse_args()
 
-    from minichatgpt.artifacts import write_table
-    from minichatgpt.data import load_dataset_reviews, load_reviews, split_corpus
     from minichatgpt.params import load_yaml, section
+    from minichatgpt.pipeline.artifacts import write_table
+    from minichatgpt.pipeline.data import load_dataset_reviews, load_reviews, split_corpus
 
     params = section(load_yaml(args.params), "data")
     if args.source or params.dataset == "packaged":

@@ -1,7 +1,7 @@
 """Build the iteration-0 policy: train a BPE tokenizer and a small GPT-2 on the corpus,
 or record a Hugging Face model name / local directory to start from."""
 
-from minichatgpt.stage import parser, run
+from minichatgpt.runtime.stage import parser, run
 
 
 def main() -> dict:
@@ -13,9 +13,9 @@ def main() -> dict:
 
     from pathlib import Path
 
-    from minichatgpt.artifacts import atomic_path, read_table, write_json
     from minichatgpt.params import load_yaml, section
-    from minichatgpt.stage import setup_torch
+    from minichatgpt.pipeline.artifacts import atomic_path, read_table, write_json
+    from minichatgpt.runtime.stage import setup_torch
 
     raw = load_yaml(args.params)
     params, runtime = section(raw, "pretrain"), section(raw, "runtime")
@@ -27,8 +27,9 @@ def main() -> dict:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from minichatgpt.models import PolicyWithValueHead, initial_state, save_policy, train_bpe_tokenizer
-    from minichatgpt.training import pretrain_lm, token_stream
+    from minichatgpt.models.policy import PolicyWithValueHead, initial_state, save_policy
+    from minichatgpt.models.tokenizer import train_bpe_tokenizer
+    from minichatgpt.models.training import pretrain_lm, token_stream
 
     texts, splits = corpus["text"].to_pylist(), corpus["split"].to_pylist()
     train_texts = [t for t, s in zip(texts, splits) if s == "train"]
@@ -54,14 +55,16 @@ def main() -> dict:
 def _record_external(ref: str, out, metrics_path: str) -> dict:
     import json
 
-    from minichatgpt.artifacts import atomic_path, write_json
-    from minichatgpt.models import initial_state, load_causal_lm, load_tokenizer, pretrained_kwargs, write_state
+    from minichatgpt.models.policy import initial_state, load_causal_lm, write_state
+    from minichatgpt.models.sources import pretrained_kwargs
+    from minichatgpt.models.tokenizer import load_tokenizer
+    from minichatgpt.pipeline.artifacts import atomic_path, write_json
 
     model = load_causal_lm(ref)  # fail here, not three stages later
     tokenizer = load_tokenizer(ref)
     metrics = {"pretrain/parameters": sum(p.numel() for p in model.parameters())}
     if pretrained_kwargs(ref)[1]:  # GGUF: dequantize once into a safetensors checkpoint
-        from minichatgpt.models import PolicyWithValueHead, dequantized, save_policy
+        from minichatgpt.models.policy import PolicyWithValueHead, dequantized, save_policy
 
         with atomic_path(out) as tmp:
             save_policy(tmp, PolicyWithValueHead(dequantized(model)), tokenizer, state=initial_state())

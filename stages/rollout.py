@@ -1,7 +1,7 @@
 """Sample a batch of training prompts and generate responses with the current policy,
 recording per-token logprobs and values (rollout@i)."""
 
-from minichatgpt.stage import parser, run
+from minichatgpt.runtime.stage import parser, run
 
 
 def main() -> dict:
@@ -14,19 +14,19 @@ def main() -> dict:
 
     import numpy as np
 
-    from minichatgpt.artifacts import read_table, write_table
     from minichatgpt.params import load_yaml, section
-    from minichatgpt.seeding import stage_seed
-    from minichatgpt.stage import setup_torch
+    from minichatgpt.pipeline.artifacts import read_table, write_table
+    from minichatgpt.ppo.steps import stage_seed
+    from minichatgpt.runtime.stage import setup_torch
 
     raw = load_yaml(args.params)
     ppo, gen, runtime = section(raw, "ppo"), section(raw, "generation"), section(raw, "runtime")
     prompts = read_table(args.prompts, "prompts")
     setup_torch(runtime.threads)
 
-    from minichatgpt.iteration import rollout, sample_prompts
-    from minichatgpt.models import load_policy
-    from minichatgpt.parallel import current_world
+    from minichatgpt.models.policy import load_policy
+    from minichatgpt.ppo.steps import rollout, sample_prompts
+    from minichatgpt.runtime.parallel import current_world
 
     world = current_world()
     seed = stage_seed(ppo.seed, "rollout", args.iter)

@@ -1,7 +1,7 @@
 """Score rollouts with the reward model and add reference logprobs, per-token KL and
 per-token rewards with this iteration's KL coefficient (score@i)."""
 
-from minichatgpt.stage import parser, run
+from minichatgpt.runtime.stage import parser, run
 
 
 def main() -> dict:
@@ -20,9 +20,9 @@ def main() -> dict:
 
     import numpy as np
 
-    from minichatgpt.artifacts import read_table, write_table
     from minichatgpt.params import load_yaml, section
-    from minichatgpt.stage import setup_torch
+    from minichatgpt.pipeline.artifacts import read_table, write_table
+    from minichatgpt.runtime.stage import setup_torch
 
     raw = load_yaml(args.params)
     ppo, gen, runtime = section(raw, "ppo"), section(raw, "generation"), section(raw, "runtime")
@@ -33,7 +33,10 @@ def main() -> dict:
     state = json.loads(state_file.read_text())
     setup_torch(runtime.threads)
 
-    from minichatgpt.iteration import (
+    from minichatgpt.models.policy import load_causal_lm, source_of
+    from minichatgpt.models.reward import RewardModel
+    from minichatgpt.models.tokenizer import load_tokenizer
+    from minichatgpt.ppo.steps import (
         batch_stats,
         current_kl_coef,
         full_kl,
@@ -41,8 +44,6 @@ def main() -> dict:
         reference_logprobs,
         score,
     )
-    from minichatgpt.models import load_causal_lm, load_tokenizer, source_of
-    from minichatgpt.reward import RewardModel
 
     reward = RewardModel(args.reward, batch_size=gen.forward_batch_size)
     texts = [q + r for q, r in zip(rollouts["query"].to_pylist(), rollouts["response"].to_pylist())]

@@ -1,7 +1,7 @@
 """Build the reward model: train a small BERT sentiment classifier on the corpus labels,
 or record a Hugging Face text-classification model / local directory / module:function."""
 
-from minichatgpt.stage import parser, run
+from minichatgpt.runtime.stage import parser, run
 
 
 def main() -> dict:
@@ -13,10 +13,10 @@ def main() -> dict:
 
     import json
 
-    from minichatgpt.artifacts import atomic_path, read_table, write_json
+    from minichatgpt.models.reward import FUNCTION_FILE, SOURCE_FILE, RewardModel, is_function_ref
     from minichatgpt.params import load_yaml, section
-    from minichatgpt.reward import FUNCTION_FILE, SOURCE_FILE, RewardModel, is_function_ref
-    from minichatgpt.stage import setup_torch
+    from minichatgpt.pipeline.artifacts import atomic_path, read_table, write_json
+    from minichatgpt.runtime.stage import setup_torch
 
     raw = load_yaml(args.params)
     params, runtime = section(raw, "reward"), section(raw, "runtime")
@@ -34,7 +34,7 @@ def main() -> dict:
 
     import torch
 
-    from minichatgpt.training import classifier_accuracy, classifier_examples, train_classifier
+    from minichatgpt.models.training import classifier_accuracy, classifier_examples, train_classifier
 
     corpus = read_table(args.corpus, "corpus")
     texts, labels, splits = (corpus[c].to_pylist() for c in ("text", "label", "split"))
@@ -56,7 +56,7 @@ def main() -> dict:
         "reward/valid_accuracy": classifier_accuracy(model, full, v_labels, tokenizer.pad_token_id),
         "reward/valid_accuracy_prefix": classifier_accuracy(model, short, v_labels, tokenizer.pad_token_id),
     }
-    from minichatgpt.models import save_tokenizer
+    from minichatgpt.models.tokenizer import save_tokenizer
 
     with atomic_path(args.out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -70,7 +70,7 @@ def _small_bert(texts: list[str], params):
     from tokenizers import processors
     from transformers import BertConfig, BertForSequenceClassification
 
-    from minichatgpt.models import train_bpe_tokenizer
+    from minichatgpt.models.tokenizer import train_bpe_tokenizer
 
     tokenizer = train_bpe_tokenizer(texts, params.vocab_size)
     tokenizer.add_special_tokens({"cls_token": "<cls>"})
@@ -90,7 +90,7 @@ def _pretrained_encoder(ref: str):
     """A pretrained encoder (e.g. MiniLM) with a fresh 2-class head, and its own tokenizer."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from minichatgpt.models import ModelError, resolve_ref
+    from minichatgpt.models.sources import ModelError, resolve_ref
 
     name = resolve_ref(ref)
     try:

@@ -1,7 +1,7 @@
 """PPO epochs over minibatches of one iteration's batch; writes the next checkpoint with
 optimizer and KL-controller state, and this iteration's metrics (update@i)."""
 
-from minichatgpt.stage import parser, run
+from minichatgpt.runtime.stage import parser, run
 
 
 def main() -> dict:
@@ -16,10 +16,10 @@ def main() -> dict:
     import logging
     import time
 
-    from minichatgpt.artifacts import atomic_path, read_table, write_json
     from minichatgpt.params import load_yaml, section
-    from minichatgpt.seeding import stage_seed
-    from minichatgpt.stage import setup_torch
+    from minichatgpt.pipeline.artifacts import atomic_path, read_table, write_json
+    from minichatgpt.ppo.steps import stage_seed
+    from minichatgpt.runtime.stage import setup_torch
 
     raw = load_yaml(args.params)
     ppo, runtime, lora = section(raw, "ppo"), section(raw, "runtime"), section(raw, "lora")
@@ -32,10 +32,11 @@ def main() -> dict:
 
     import torch
 
-    from minichatgpt.iteration import batch_from_table, batch_stats, current_kl_coef, next_kl_coef, processed_scores
-    from minichatgpt.models import ModelError, add_lora, load_optimizer_state, load_policy, save_policy
-    from minichatgpt.parallel import current_world
-    from minichatgpt.ppo import adam, ppo_update
+    from minichatgpt.models.policy import add_lora, load_optimizer_state, load_policy, save_policy
+    from minichatgpt.models.sources import ModelError
+    from minichatgpt.ppo.steps import batch_from_table, batch_stats, current_kl_coef, next_kl_coef, processed_scores
+    from minichatgpt.ppo.update import adam, ppo_update
+    from minichatgpt.runtime.parallel import current_world
 
     world = current_world()
 

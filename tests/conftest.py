@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from minichatgpt import hermetic
+from minichatgpt.runtime import hermetic
 
 # Before torch, numpy or pyarrow load: in-process results (PPOTrainer, the math tests) then use the
 # kernels the stage processes use, so the two can be compared bit for bit.
@@ -19,7 +19,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import yaml  # noqa: E402
 
-from minichatgpt.report import offline_html_template  # noqa: E402
+from minichatgpt.pipeline.report import offline_html_template  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from minichatgpt.artifacts import (
+from minichatgpt.pipeline.artifacts import (
     FLOAT_LIST,
     INT_LIST,
     SCHEMAS,

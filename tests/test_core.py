@@ -334,7 +334,7 @@ PPO_KEYS = {
 
 
 def test_ppo_loss_stats_keys_and_ratio_one():
-    from minichatgpt.ppo import ppo_loss
+    from minichatgpt.ppo.update import ppo_loss
 
     params = PPOParams()
     gen = torch.Generator().manual_seed(0)

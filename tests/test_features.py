@@ -11,11 +11,11 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from minichatgpt.core import RunningMoments, gae, process_scores, whiten
-from minichatgpt.iteration import advantages, full_kl, pad_floats
-from minichatgpt.models import PolicyWithValueHead
+from minichatgpt.models.policy import PolicyWithValueHead
 from minichatgpt.params import PPOParams
-from minichatgpt.ppo import PPOBatch, ppo_update
-from minichatgpt.rollout import forward_responses, pack
+from minichatgpt.ppo.generation import forward_responses, pack
+from minichatgpt.ppo.steps import advantages, full_kl, pad_floats
+from minichatgpt.ppo.update import PPOBatch, ppo_update
 
 PAD = 0
 

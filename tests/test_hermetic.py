@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from minichatgpt import hermetic
+from minichatgpt.runtime import hermetic
 from tests.conftest import TINY_PARAMS, metrics_of, out_hashes_of, sh, tool_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +34,7 @@ def test_a_stage_process_sees_only_the_stage_environment(tmp_path: Path) -> None
     script.parent.mkdir()
     script.write_text(
         "import json, os, sys\n"
-        "from minichatgpt.stage import parser, run\n"
+        "from minichatgpt.runtime.stage import parser, run\n"
         "def main():\n"
         "    parser('show_env', 'print the environment').parse_args()\n"
         "    print(json.dumps({'env': dict(os.environ), 'pid': os.getpid()}))\n"
@@ -157,7 +157,7 @@ def test_a_saved_tokenizer_holds_no_load_time_settings(tmp_path: Path) -> None:
     tokenizer_config.json; a checkpoint must hold the same bytes however its input was loaded."""
     from transformers import AutoTokenizer
 
-    from minichatgpt.models import save_tokenizer, train_bpe_tokenizer
+    from minichatgpt.models.tokenizer import save_tokenizer, train_bpe_tokenizer
 
     save_tokenizer(train_bpe_tokenizer(["a good film", "a bad film"] * 20, 300), tmp_path / "first")
     written = []

@@ -9,7 +9,7 @@ import pytest
 
 PROBE = """
 import resource, sys, torch
-from minichatgpt.host import keep_freed_memory
+from minichatgpt.runtime.host import keep_freed_memory
 tuned = keep_freed_memory() if sys.argv[1] == "1" else False
 def step():  # the reference pass's logits at the default forward_batch_size: ~1250 tokens x 8192
     return float(torch.empty(1250, 8192).fill_(1.0)[0, 0])
@@ -37,7 +37,7 @@ def test_kept_memory_stops_the_page_faults_of_repeated_large_buffers() -> None:
 
 
 def test_the_environment_switch_leaves_the_allocator_alone() -> None:
-    code = "import os; os.environ['MINICHATGPT_MALLOC'] = '0'; from minichatgpt.host import keep_freed_memory; " \
+    code = "import os; os.environ['MINICHATGPT_MALLOC'] = '0'; from minichatgpt.runtime.host import keep_freed_memory; " \
            "print(keep_freed_memory())"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True).stdout.strip() == "False"

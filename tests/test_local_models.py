@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from minichatgpt.data import load_reviews
-from minichatgpt.models import train_bpe_tokenizer
-from minichatgpt.reward import RewardModel
+from minichatgpt.models.reward import RewardModel
+from minichatgpt.models.tokenizer import train_bpe_tokenizer
+from minichatgpt.pipeline.data import load_reviews
 from tests.conftest import TINY_PARAMS, make_pipeline_repo, sh
 
 pytestmark = pytest.mark.e2e

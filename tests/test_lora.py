@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from minichatgpt.models import load_policy
+from minichatgpt.models.policy import load_policy
 from tests.conftest import TINY_PARAMS, make_pipeline_repo, sh
 
 pytestmark = pytest.mark.e2e

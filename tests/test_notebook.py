@@ -42,7 +42,7 @@ def test_walkthrough_notebook_runs_headless(built_project: Path) -> None:
 
 def test_lab_builds_a_dataset_from_a_local_file(built_project: Path, tmp_path: Path) -> None:
     from minichatgpt.experiments.imdb import PPOConfig
-    from minichatgpt.lab import Lab
+    from minichatgpt.notebook.lab import Lab
 
     long = "This film is a quiet, patient study of grief, and it earns every minute of its running time. " * 3
     csv = tmp_path / "reviews.csv"
@@ -57,8 +57,8 @@ def test_lab_builds_a_dataset_from_a_local_file(built_project: Path, tmp_path: P
 
 def test_lab_says_how_to_build_missing_models(tmp_path: Path) -> None:
     from minichatgpt.experiments.imdb import PPOConfig
-    from minichatgpt.lab import Lab
-    from minichatgpt.models import ModelError
+    from minichatgpt.models.sources import ModelError
+    from minichatgpt.notebook.lab import Lab
 
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
     with pytest.raises(ModelError, match="dvc repro pretrain train_reward"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from minichatgpt.padding import pad_ids, pad_rows
+from minichatgpt.models.tokenizer import pad_ids, pad_rows
 
 
 def loop_pad(rows: list[list], fill, dtype, left: bool) -> tuple[torch.Tensor, torch.Tensor]:

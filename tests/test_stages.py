@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 import yaml
 
-from minichatgpt.artifacts import read_table, write_table
+from minichatgpt.pipeline.artifacts import read_table, write_table
 from tests.conftest import ROOT, TINY_PARAMS, tool_env
 
 

@@ -14,10 +14,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from minichatgpt.artifacts import write_table
 from minichatgpt.experiments.imdb import PPOConfig
-from minichatgpt.models import load_causal_lm, load_policy
-from minichatgpt.trainer import PPOTrainer
+from minichatgpt.models.policy import load_causal_lm, load_policy
+from minichatgpt.notebook.trainer import PPOTrainer
+from minichatgpt.pipeline.artifacts import write_table
 from tests.conftest import ROOT, tool_env
 from tests.rewards import keyword_score
 
@@ -27,8 +27,9 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     """checkpoints/0 as `pretrain` writes it: an (untrained) small GPT-2 and a BPE tokenizer."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from minichatgpt.data import load_reviews
-    from minichatgpt.models import PolicyWithValueHead, initial_state, save_policy, train_bpe_tokenizer
+    from minichatgpt.models.policy import PolicyWithValueHead, initial_state, save_policy
+    from minichatgpt.models.tokenizer import train_bpe_tokenizer
+    from minichatgpt.pipeline.data import load_reviews
 
     root = tmp_path_factory.mktemp("project")
     texts = load_reviews()["text"].to_pylist()[:300]
@@ -145,7 +146,7 @@ def test_step_safety_checker_names_the_culprit(tiny_checkpoint: Path, change, me
 
 
 def test_adam_uses_the_fused_kernel_and_steps_like_plain_adam() -> None:
-    from minichatgpt.ppo import adam
+    from minichatgpt.ppo.update import adam
 
     gen = torch.Generator().manual_seed(0)
     start = [torch.randn(5, 3, generator=gen), torch.randn(7, generator=gen)]

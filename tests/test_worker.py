@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from minichatgpt.artifacts import write_table
-from minichatgpt.hermetic import stage_environ
+from minichatgpt.pipeline.artifacts import write_table
+from minichatgpt.runtime.hermetic import stage_environ
 from tests.conftest import ROOT, TINY_PARAMS, tool_env
 from tests.test_stages import scored_table
 
@@ -36,7 +36,7 @@ def test_a_stage_run_by_the_worker_writes_the_bytes_of_a_cold_run_and_refuses_al
     env = env_for(tmp_path)
     cold = advantages(tmp_path, "cold.parquet", env | {"MINICHATGPT_WORKER": "0"})
     assert cold.returncode == 0, cold.stderr
-    sock = Path(subprocess.run([sys.executable, "-c", "from minichatgpt.worker import socket_path; "
+    sock = Path(subprocess.run([sys.executable, "-c", "from minichatgpt.runtime.worker import socket_path; "
                                 "print(socket_path())"], env=stage_environ(env), capture_output=True, text=True,
                                check=True).stdout.strip())
     first = advantages(tmp_path, "first.parquet", env)  # no worker yet: runs here, starts one
@@ -65,7 +65,7 @@ def test_a_stage_run_by_the_worker_writes_the_bytes_of_a_cold_run_and_refuses_al
 
 SCRIPT = '''
 import os, signal, sys, time
-from minichatgpt.stage import parser, run
+from minichatgpt.runtime.stage import parser, run
 
 def main():
     p = parser("probe", "A stage that reports its pid, then sleeps, dies or returns.")
@@ -101,7 +101,7 @@ def test_the_worker_kills_the_child_of_a_killed_stage_and_reports_a_child_killed
         return subprocess.Popen([sys.executable, "probe.py", "--mode", mode], cwd=tmp_path, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
-    sock = Path(subprocess.run([sys.executable, "-c", "from minichatgpt.worker import socket_path; "
+    sock = Path(subprocess.run([sys.executable, "-c", "from minichatgpt.runtime.worker import socket_path; "
                                 "print(socket_path())"], env=stage_environ(env), capture_output=True, text=True,
                                check=True).stdout.strip())
     assert probe("return").wait() == 0  # no worker yet: runs here, starts one
@@ -169,7 +169,7 @@ def test_a_squatter_of_another_uid_receives_nothing_and_the_stage_still_runs(tmp
     write_table(scored_table(), tmp_path / "scored.parquet", "scored")
     env = env_for(tmp_path, TMPDIR=str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir(mode=0o1777)
-    sock = Path(subprocess.run([sys.executable, "-c", "from minichatgpt.worker import socket_path; "
+    sock = Path(subprocess.run([sys.executable, "-c", "from minichatgpt.runtime.worker import socket_path; "
                                 "print(socket_path())"], env=stage_environ(env), capture_output=True, text=True,
                                check=True).stdout.strip())
     assert sock.parent.stat().st_mode & 0o777 == 0o700 and sock.parent.stat().st_uid == os.getuid()

@@ -15,10 +15,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from minichatgpt import padding
 from minichatgpt.core import NonFiniteError, RunningMoments, gae, kl_penalty, per_token_rewards, process_scores, whiten
-from minichatgpt.parallel import SINGLE, World
+from minichatgpt.models.tokenizer import pad_rows
 from minichatgpt.params import GenerationParams, PPOParams
+from minichatgpt.runtime.parallel import SINGLE, World
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def check_finite(name: str, rows: list[list[float]] | np.ndarray, where: str) ->
 
 def pad_floats(rows: list[list[float]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token values of a table column, right-padded with 0, and their float mask."""
-    values, mask = padding.pad_rows(rows, 0.0, torch.float32)
+    values, mask = pad_rows(rows, 0.0, torch.float32)
     return values, mask.float()
 
 
@@ -70,8 +70,8 @@ def rollout(
     """
     from tqdm.auto import tqdm
 
-    from minichatgpt.parallel import chunk_seed
-    from minichatgpt.rollout import generate
+    from minichatgpt.ppo.generation import generate
+    from minichatgpt.runtime.parallel import chunk_seed
 
     rng = np.random.default_rng(seed)
     queries = encode_queries(tokenizer, prompts)
@@ -117,7 +117,7 @@ def rollout(
 def reference_logprobs(
     reference: Any, queries: list[list[int]], responses: list[list[int]], pad_id: int, batch_size: int
 ) -> list[list[float]]:
-    from minichatgpt.rollout import forward_responses, pack
+    from minichatgpt.ppo.generation import forward_responses, pack
 
     out: list[list[float]] = []
     for start in range(0, len(queries), batch_size):
@@ -132,7 +132,7 @@ def full_kl(
     policy: Any, reference: Any, queries: list[list[int]], responses: list[list[int]], pad_id: int, batch_size: int
 ) -> list[list[float]]:
     """Exact per-token KL over the vocabulary (``ppo.kl_penalty: full``); needs both models' logits."""
-    from minichatgpt.rollout import forward_responses, pack
+    from minichatgpt.ppo.generation import forward_responses, pack
 
     out: list[list[float]] = []
     for start in range(0, len(queries), batch_size):
@@ -208,7 +208,7 @@ def advantages(scored: pa.Table, gamma: float, lam: float, whiten_rewards: bool 
 
 
 def batch_from_table(table: pa.Table):
-    from minichatgpt.ppo import PPOBatch
+    from minichatgpt.ppo.update import PPOBatch
 
     logprobs, mask = pad_floats(table["logprobs"].to_pylist())
     return PPOBatch(
@@ -247,3 +247,11 @@ def current_kl_coef(state: dict, params: PPOParams) -> float:
     """The coefficient an iteration uses: the previous update's, or ``init_kl_coef`` at the start."""
     value = state.get("kl_coef")
     return params.init_kl_coef if value is None else float(value)
+
+
+STAGE_OFFSETS = {"rollout": 1, "score": 2, "update": 3, "evaluate": 4}
+
+
+def stage_seed(base: int, stage: str, iteration: int = 0) -> int:
+    """A distinct, stable seed per (params seed, stage, iteration)."""
+    return (base * 1_000_003 + iteration * 101 + STAGE_OFFSETS.get(stage, 0)) % (2**63)

@@ -1,4 +1,4 @@
-"""Warm worker, server side: the long-lived process behind :mod:`minichatgpt.worker`.
+"""Warm worker, server side: the long-lived process behind :mod:`minichatgpt.runtime.worker`.
 
 It imports torch, transformers and this package once, then keeps one child forked
 ahead of time ("spare") waiting on the socket, so a stage process's request costs
@@ -7,7 +7,7 @@ the spare accepts the connection, checks that the sources it was forked with are
 unchanged, hands the connection to the worker (which forks the next spare meanwhile
 and watches for the stage process going away), and runs the stage.
 
-Run as ``python -m minichatgpt.worker_server SOCKET PACKAGE`` by :func:`minichatgpt.worker.spawn`.
+Run as ``python -m minichatgpt.runtime.worker_server SOCKET PACKAGE`` by :func:`minichatgpt.runtime.worker.spawn`.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import struct
 import sys
 import time
 
-from minichatgpt import worker as client
-from minichatgpt.worker import IN_CHILD, PACKAGE, _spawn_lock
+from minichatgpt.runtime import worker as client
+from minichatgpt.runtime.worker import IN_CHILD, PACKAGE, _spawn_lock
 
 STALE = 75
 """exit code of a spare that found the sources changed: the worker stops serving"""
@@ -33,9 +33,10 @@ PRELOAD = (
     "transformers", "transformers.models.auto.modeling_auto", "transformers.models.gpt2.modeling_gpt2",
     "transformers.models.bert.modeling_bert", "transformers.tokenization_utils_fast",
     "transformers.models.auto.tokenization_auto", "transformers.models.encoder_decoder.configuration_encoder_decoder",
-    "minichatgpt.artifacts", "minichatgpt.params", "minichatgpt.seeding", "minichatgpt.core",
-    "minichatgpt.models", "minichatgpt.rollout", "minichatgpt.iteration", "minichatgpt.ppo",
-    "minichatgpt.reward", "minichatgpt.evaluation", "minichatgpt.data", "minichatgpt.stage", "minichatgpt.host",
+    "minichatgpt.params", "minichatgpt.core", "minichatgpt.pipeline.artifacts", "minichatgpt.pipeline.data",
+    "minichatgpt.pipeline.evaluation", "minichatgpt.models.policy", "minichatgpt.models.tokenizer",
+    "minichatgpt.models.reward", "minichatgpt.ppo.generation", "minichatgpt.ppo.steps", "minichatgpt.ppo.update",
+    "minichatgpt.runtime.stage", "minichatgpt.runtime.host",
 )
 
 

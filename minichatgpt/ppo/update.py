@@ -13,10 +13,10 @@ import torch
 from tqdm.auto import tqdm
 
 from minichatgpt.core import NonFiniteError, masked_mean, masked_var, policy_loss, value_loss
-from minichatgpt.models import PolicyWithValueHead
-from minichatgpt.parallel import SINGLE, World
+from minichatgpt.models.policy import PolicyWithValueHead
 from minichatgpt.params import PPOParams
-from minichatgpt.rollout import forward_responses, pack
+from minichatgpt.ppo.generation import forward_responses, pack
+from minichatgpt.runtime.parallel import SINGLE, World
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def train_minibatch(
     Each part's loss is weighted by its share of the minibatch's response tokens, so
     the accumulated gradient equals that of the whole minibatch's token mean. Under
     ``accelerate launch`` the parts are shared among the processes and their gradients
-    summed (:mod:`minichatgpt.parallel`). Returns the per-part stats and whether the
+    summed (:mod:`minichatgpt.runtime.parallel`). Returns the per-part stats and whether the
     step was skipped (ratio spike).
     """
     optimizer.zero_grad(set_to_none=True)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from minichatgpt.models import ModelError, resolve_ref
+from minichatgpt.models.sources import ModelError, resolve_ref
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """``PPOTrainer``: TRL legacy's notebook-facing API over the same functions the stages use.
 
 ``step`` runs exactly the pipeline's score -> advantages -> update path
-(:mod:`minichatgpt.iteration`, :mod:`minichatgpt.ppo`), so one PPO step in a
+(:mod:`minichatgpt.ppo.steps`, :mod:`minichatgpt.ppo.update`), so one PPO step in a
 notebook and one iteration of ``dvc repro`` give the same weights for the same
 batch, seed and params.
 """
@@ -15,11 +15,11 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from minichatgpt import iteration
 from minichatgpt.core import RunningMoments, gae, kl_controller, kl_penalty, per_token_rewards, whiten
-from minichatgpt.models import PolicyWithValueHead
-from minichatgpt.ppo import adam, ppo_loss, ppo_update
-from minichatgpt.rollout import forward_responses, generate, pack
+from minichatgpt.models.policy import PolicyWithValueHead
+from minichatgpt.ppo import steps
+from minichatgpt.ppo.generation import forward_responses, generate, pack
+from minichatgpt.ppo.update import adam, ppo_loss, ppo_update
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +42,9 @@ class PPOTrainer:
     ):
         from accelerate import Accelerator
 
-        from minichatgpt.host import keep_freed_memory
+        from minichatgpt.runtime.host import keep_freed_memory
 
-        keep_freed_memory()  # see minichatgpt.host: a fifth of a CPU step was page faults
+        keep_freed_memory()  # see minichatgpt.runtime.host: a fifth of a CPU step was page faults
         self.config = config
         self.params = config.ppo_params()
         self.model, self.ref_model, self.tokenizer = model, ref_model.eval(), tokenizer
@@ -185,7 +185,7 @@ class PPOTrainer:
         if self._generated_at == self._weights_version() and all(x is not None for x in recorded):
             logprobs = [x[0] for x in recorded]
             values = [x[1] for x in recorded]
-            ref = iteration.reference_logprobs(self.ref_model, q, r, self.pad_id, self.config.forward_batch_size)
+            ref = steps.reference_logprobs(self.ref_model, q, r, self.pad_id, self.config.forward_batch_size)
             return self._table(q, r, logprobs, values), ref
         logprobs, ref_logprobs, values = self.batched_forward_pass(queries, responses)
         return (self._table(q, r, [x.tolist() for x in logprobs], [x.tolist() for x in values]),
@@ -204,25 +204,25 @@ class PPOTrainer:
 
     def step(self, queries: list[torch.Tensor], responses: list[torch.Tensor], scores: list[torch.Tensor]) -> dict:
         """One PPO iteration on a batch, exactly as score@i -> advantages@i -> update@i."""
-        from minichatgpt.seeding import stage_seed
+        from minichatgpt.ppo.steps import stage_seed
 
         self._step_safety_checker(self.params.batch_size, queries, responses, scores)
         self.model.eval()
         table, ref = self.rollout_table(queries, responses)
         raw = np.asarray([float(s) for s in scores], dtype=np.float32)
         state = {"score_moments": self.score_moments.__dict__}
-        processed, moments = iteration.processed_scores(table, raw, state, self.params, self.tokenizer.eos_token_id)
+        processed, moments = steps.processed_scores(table, raw, state, self.params, self.tokenizer.eos_token_id)
         kl_rows = None
         if self.params.kl_penalty == "full":
-            kl_rows = iteration.full_kl(self.model, self.ref_model, table["query_ids"].to_pylist(),
+            kl_rows = steps.full_kl(self.model, self.ref_model, table["query_ids"].to_pylist(),
                                         table["response_ids"].to_pylist(), self.pad_id, self.config.forward_batch_size)
-        scored = iteration.score(table, raw, ref, self.kl_ctl.value, self.params.kl_penalty, processed, kl_rows)
-        advantaged = iteration.advantages(scored, self.params.gamma, self.params.lam, self.params.whiten_rewards)
+        scored = steps.score(table, raw, ref, self.kl_ctl.value, self.params.kl_penalty, processed, kl_rows)
+        advantaged = steps.advantages(scored, self.params.gamma, self.params.lam, self.params.whiten_rewards)
         generator = torch.Generator().manual_seed(stage_seed(self.params.seed, "update", self.current_step + 1))
-        stats = ppo_update(self.model, self.optimizer, iteration.batch_from_table(advantaged), self.params,
+        stats = ppo_update(self.model, self.optimizer, steps.batch_from_table(advantaged), self.params,
                            generator, self.pad_id, progress=False)
-        env = iteration.batch_stats(advantaged)
-        self.kl_ctl.value = iteration.next_kl_coef(self.kl_ctl.value, env["objective/kl"], len(queries), self.params)
+        env = steps.batch_stats(advantaged)
+        self.kl_ctl.value = steps.next_kl_coef(self.kl_ctl.value, env["objective/kl"], len(queries), self.params)
         self.score_moments = moments
         self.current_step += 1
         return env | stats

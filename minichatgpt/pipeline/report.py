@@ -86,7 +86,7 @@ def offline_html_template() -> str:
 
 def write_offline_html_template(path: str | Path) -> Path:
     """Write :func:`offline_html_template` to ``path`` (atomically) and return it."""
-    from minichatgpt.artifacts import atomic_path
+    from minichatgpt.pipeline.artifacts import atomic_path
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -99,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     import argparse
 
     p = argparse.ArgumentParser(
-        prog="python -m minichatgpt.report",
+        prog="python -m minichatgpt.pipeline.report",
         description="Write the offline HTML template that .dvc/config points `dvc plots show` at.",
     )
     p.add_argument("path", nargs="?", default=".dvc/plots/offline.html")

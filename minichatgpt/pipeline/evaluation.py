@@ -17,9 +17,9 @@ def evaluate(
 ) -> tuple[dict, list[dict], dict[str, np.ndarray]]:
     """Return ``(summary, samples, scores)``; KL is the mean over prompts of the summed k1 KL to the
     reference, ``scores`` the per-prompt rewards ``before`` and ``after``."""
-    from minichatgpt.iteration import reference_logprobs, rollout
-    from minichatgpt.models import load_policy
-    from minichatgpt.reward import RewardModel
+    from minichatgpt.models.policy import load_policy
+    from minichatgpt.models.reward import RewardModel
+    from minichatgpt.ppo.steps import reference_logprobs, rollout
 
     reward = RewardModel(reward_ref, batch_size=gen.forward_batch_size)
     results = {}

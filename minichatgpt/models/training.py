@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from minichatgpt.padding import pad_ids
+from minichatgpt.models.tokenizer import pad_ids
 from minichatgpt.params import PretrainParams, RewardParams
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """Warm worker, client side: stage processes skip the ~4 s of importing torch and transformers.
 
 A stage script (``python stages/<name>.py ...``) first asks a long-lived worker
-(:mod:`minichatgpt.worker_server`), over a Unix socket private to this user,
+(:mod:`minichatgpt.runtime.worker_server`), over a Unix socket private to this user,
 interpreter, package and environment, to run it. The worker has imported the heavy
 libraries but never computes anything itself; a child forked from it (ahead of time)
 takes over the stage's stdin/stdout/stderr (passed as file descriptors), argv, working
@@ -35,7 +35,8 @@ import time
 # ~15 ms to each stage.
 SWITCH = "MINICHATGPT_WORKER"
 IN_CHILD = "_MINICHATGPT_WORKER_CHILD"
-PACKAGE = os.path.dirname(os.path.realpath(__file__))
+PACKAGE = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+"""the minichatgpt package directory this worker client belongs to."""
 KEY_ENV = ("HF_", "TRANSFORMERS", "TORCH", "OMP_", "MKL_", "KMP_", "OPENBLAS", "CUDA", "PYTHON", "TOKENIZERS",
            "LD_", "MINICHATGPT", "NUMEXPR", "XDG_CACHE")
 """environment read at import time by the libraries: a worker only serves clients with the same values."""
@@ -205,7 +206,7 @@ def spawn(path: str) -> None:
     env["PYTHONPATH"] = os.path.dirname(PACKAGE) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     try:
         subprocess.Popen(
-            [sys.executable, "-m", "minichatgpt.worker_server", path, PACKAGE],
+            [sys.executable, "-m", "minichatgpt.runtime.worker_server", path, PACKAGE],
             cwd="/", env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True, close_fds=True,
         )

@@ -5,9 +5,9 @@ line ``stage <name>: <what is wrong>`` on stderr and exit code 2, with nothing
 written, because outputs are only moved into place after the stage succeeds.
 
 Before anything else a stage process puts itself under the stage environment
-(:mod:`minichatgpt.hermetic`: the caller's settings dropped, CPU kernels pinned), so
+(:mod:`minichatgpt.runtime.hermetic`: the caller's settings dropped, CPU kernels pinned), so
 its outputs depend on code, params and inputs only. Then it hands its whole run to a
-warm worker when one is available (:mod:`minichatgpt.worker`): a forked copy of a
+warm worker when one is available (:mod:`minichatgpt.runtime.worker`): a forked copy of a
 process that has already imported torch and transformers runs the same script with the
 same argv, cwd, environment and file descriptors, so only the ~4 s of imports is skipped. Without a worker
 (or with ``MINICHATGPT_WORKER=0``) the stage runs in its own process as before.
@@ -40,7 +40,7 @@ def parser(name: str, doc: str | None) -> argparse.ArgumentParser:
 def setup_torch(threads: int) -> None:
     import torch
 
-    from minichatgpt.host import keep_freed_memory
+    from minichatgpt.runtime.host import keep_freed_memory
 
     torch.set_num_threads(max(1, threads))
     keep_freed_memory()
@@ -57,7 +57,7 @@ def run(name: str, main: Callable[[], dict | None]) -> None:
     Outputs are fsynced before this returns, so skipping interpreter shutdown
     (``os._exit``) loses nothing and saves a second per stage process.
     """
-    from minichatgpt import hermetic, worker
+    from minichatgpt.runtime import hermetic, worker
 
     hermetic.enter()  # the same environment and CPU kernels for every caller, on every machine
     code = worker.delegate()

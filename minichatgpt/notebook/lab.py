@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from minichatgpt.models import ModelError
+from minichatgpt.models.sources import ModelError
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,8 @@ class Lab:
         return ref
 
     def tokenizer(self) -> Any:
-        from minichatgpt.models import load_tokenizer, source_of
+        from minichatgpt.models.policy import source_of
+        from minichatgpt.models.tokenizer import load_tokenizer
 
         ref = self._resolve(self.config.model_name)
         return load_tokenizer(source_of(Path(ref)) if Path(ref).is_dir() else ref)
@@ -83,7 +84,7 @@ class Lab:
         return ds
 
     def _load_texts(self, name: str) -> list[str]:
-        from minichatgpt.data import clean_text, load_reviews
+        from minichatgpt.pipeline.data import clean_text, load_reviews
 
         path = Path(name)
         if path.is_file():
@@ -112,7 +113,7 @@ class Lab:
 
     def init_policies_tokenizer(self) -> tuple[Any, Any, Any]:
         """``(policy with value head, frozen reference policy, tokenizer)``."""
-        from minichatgpt.models import PolicyWithValueHead, load_causal_lm
+        from minichatgpt.models.policy import PolicyWithValueHead, load_causal_lm
 
         ref = self._resolve(self.config.model_name)
         policy = PolicyWithValueHead(load_causal_lm(ref), seed=self.config.seed)
@@ -131,12 +132,12 @@ class Lab:
         return self.generation_kwargs
 
     def init_ppo_trainer(self, config: Any, new_policy: Any, old_policy: Any, tokenizer: Any, dataset: Any) -> Any:
-        from minichatgpt.trainer import PPOTrainer, collator
+        from minichatgpt.notebook.trainer import PPOTrainer, collator
 
         return PPOTrainer(config, new_policy, old_policy, tokenizer, dataset, data_collator=collator)
 
     def init_reward_model(self) -> Any:
-        from minichatgpt.reward import RewardModel, is_function_ref
+        from minichatgpt.models.reward import RewardModel, is_function_ref
 
         ref = self.config.reward_model_name
         return RewardModel(ref if is_function_ref(ref) else self._resolve(ref))

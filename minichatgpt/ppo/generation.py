@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from minichatgpt.core import logprobs_and_entropy, logprobs_from_logits
-from minichatgpt.models import PolicyWithValueHead
-from minichatgpt.padding import pad_ids, pad_rows
+from minichatgpt.models.policy import PolicyWithValueHead
+from minichatgpt.models.tokenizer import pad_ids, pad_rows
 
 
 @dataclass
