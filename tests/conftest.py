@@ -19,12 +19,13 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import yaml  # noqa: E402
 
+from minichatgpt.params.presets import compose  # noqa: E402
 from minichatgpt.pipeline.report import offline_html_template  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
-TINY_PARAMS = yaml.safe_load((ROOT / "presets" / "tiny.yaml").read_text())
-"""The tiny preset (the CI reproduction runs it too): every key of params.yaml, tiny sizes."""
+TINY_PARAMS = compose(yaml.safe_load((ROOT / "presets" / "tiny.yaml").read_text()))
+"""The tiny preset over the defaults (the CI reproduction runs it too): every key of params.yaml."""
 
 
 def tool_env() -> dict[str, str]:

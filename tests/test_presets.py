@@ -1,4 +1,5 @@
-"""Presets are complete, valid params files; the CI workflow runs the README's commands."""
+"""params.yaml is written from the declarations, presets hold only what differs, and the CI
+workflow runs the README's commands."""
 
 from __future__ import annotations
 
@@ -7,14 +8,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from minichatgpt.params import SECTIONS, iterations, section
+from minichatgpt.params import validate_all
+from minichatgpt.params.presets import compose, defaults, main, render
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted((ROOT / "presets").glob("*.yaml"))
-
-
-def keys(params: dict) -> dict[str, set[str]]:
-    return {name: set(body) for name, body in params.items() if name != "iters"}
 
 
 def test_there_are_presets() -> None:
@@ -22,12 +20,42 @@ def test_there_are_presets() -> None:
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
-def test_preset_has_every_key_of_params_yaml_and_validates(preset: Path) -> None:
-    params = yaml.safe_load(preset.read_text())
-    assert keys(params) == keys(yaml.safe_load((ROOT / "params.yaml").read_text()))
-    for name in SECTIONS:
-        section(params, name)  # raises ParamsError naming the field
-    assert list(iterations(params))
+def test_preset_holds_only_what_differs_and_validates(preset: Path) -> None:
+    overrides = yaml.safe_load(preset.read_text())
+    base = defaults()
+    same = [f"{name}.{key}" for name, body in overrides.items() if name != "iters"
+            for key, value in body.items() if base[name][key] == value]
+    assert not same, f"{preset.name} repeats defaults: {same}"
+    assert "iters" not in overrides or overrides["iters"] != base["iters"]
+    composed = compose(overrides)  # raises ParamsError naming the field
+    assert validate_all(composed)["iters"]
+
+
+def test_params_yaml_is_written_from_the_declarations() -> None:
+    """The committed params.yaml is exactly what `python -m minichatgpt.params` writes."""
+    assert (ROOT / "params.yaml").read_text() == render(defaults())
+
+
+def test_writing_a_preset_gives_the_preset_over_the_defaults(tmp_path: Path) -> None:
+    out = tmp_path / "params.yaml"
+    main([str(ROOT / "presets" / "tiny.yaml"), "--out", str(out)])
+    written = yaml.safe_load(out.read_text())
+    tiny = yaml.safe_load((ROOT / "presets" / "tiny.yaml").read_text())
+    assert written["ppo"]["batch_size"] == tiny["ppo"]["batch_size"] != defaults()["ppo"]["batch_size"]
+    assert written["ppo"]["lam"] == defaults()["ppo"]["lam"]
+    assert list(written["iters"]) == list(tiny["iters"])
+    assert [p.name for p in tmp_path.iterdir()] == ["params.yaml"]  # no temporary file left
+
+
+def test_a_bad_preset_is_refused_by_name_and_params_yaml_is_kept(tmp_path: Path) -> None:
+    out = tmp_path / "params.yaml"
+    out.write_text("kept\n")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("ppo:\n  lamb: 0.9\n")
+    with pytest.raises(SystemExit) as exit_:
+        main([str(bad), "--out", str(out)])
+    assert "unknown key ppo.lamb; did you mean ppo.lam?" in str(exit_.value.code)
+    assert out.read_text() == "kept\n"
 
 
 def test_workflow_is_valid_yaml_and_runs_the_readme_commands() -> None:

@@ -1,0 +1,87 @@
+"""params.yaml written from the declarations, with a preset's values over the defaults.
+
+``python -m minichatgpt.params [PRESET]`` writes it; a preset (``presets/*.yaml``) holds only
+the values it changes, so a new setting or a changed default reaches every preset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from minichatgpt.params import ITERATIONS, SECTIONS, ParamsError, as_dict, closest, validate_all
+
+HEADER = """\
+# minichatgpt parameters, written by `python -m minichatgpt.params{preset}` from the declarations
+# in minichatgpt/params.py (each comment is the setting's doc there). Each DVC stage reads only its
+# own sections (dvc.yaml), so changing a value reruns exactly the stages it can affect.
+"""
+ITERS_NOTE = """\
+# One entry per PPO iteration; keys are QUOTED strings (unquoted integers make DVC
+# drop foreach stages). Add one with: dvc exp run -S "+iters.11.prev='10'"
+"""
+
+
+def defaults() -> dict[str, Any]:
+    """The default params.yaml as a mapping."""
+    out: dict[str, Any] = {name: as_dict(cls()) for name, cls in SECTIONS.items()}
+    out["iters"] = {str(n): {"prev": str(n - 1)} for n in range(1, ITERATIONS + 1)}
+    return out
+
+
+def compose(preset: dict | None = None) -> dict[str, Any]:
+    """The defaults with a preset's values over them (its ``iters``, if any, replaces the chain)."""
+    out = defaults()
+    for name, values in (preset or {}).items():
+        if name not in out:
+            raise ParamsError(f"preset: unknown section {name}; did you mean {closest(name, sorted(out))}?")
+        if not isinstance(values, dict):
+            raise ParamsError(f"preset: {name} must be a mapping, found {type(values).__name__}")
+        out[name] = dict(values) if name == "iters" else {**out[name], **values}
+    validate_all(out)
+    return out
+
+
+def _scalar(value: Any) -> str:
+    import yaml
+
+    return yaml.safe_dump([value], default_flow_style=True, width=1000).strip()[1:-1]
+
+
+def render(params: dict[str, Any], preset: str | None = None) -> str:
+    """params.yaml text: every section and key in declaration order, each with its doc as a comment."""
+    lines = [HEADER.format(preset=f" {preset}" if preset else "")]
+    for name, cls in SECTIONS.items():
+        lines.append(f"{name}:")
+        for field in dataclasses.fields(cls):
+            entry = f"  {field.name}: {_scalar(params[name][field.name])}"
+            lines.append(f"{entry:<34}# {field.metadata['doc']}")
+        lines.append("")
+    lines.append(ITERS_NOTE.rstrip("\n"))
+    lines.append("iters:")
+    for key, item in params["iters"].items():
+        lines += [f"  {_scalar(str(key))}:", f"    prev: {_scalar(str(item['prev']))}"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m minichatgpt.params [PRESET] [--out params.yaml]``: write params.yaml atomically."""
+    import argparse
+    import os
+    import sys
+
+    import yaml
+
+    p = argparse.ArgumentParser(prog="python -m minichatgpt.params", description=main.__doc__)
+    p.add_argument("preset", nargs="?", help="a preset file (e.g. presets/tiny.yaml): only what differs")
+    p.add_argument("--out", default="params.yaml", help="the params file to write (default: params.yaml)")
+    args = p.parse_args(argv)
+    try:
+        preset = yaml.safe_load(Path(args.preset).read_text()) if args.preset else None
+        text = render(compose(preset), args.preset)
+    except (OSError, yaml.YAMLError, ParamsError) as err:
+        sys.exit(f"{args.preset}: {err}")
+    tmp = Path(args.out).with_name(f".{Path(args.out).name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, args.out)
