@@ -359,3 +359,15 @@ def test_ppo_loss_stats_keys_and_ratio_one():
     assert loss_v.item() == pytest.approx(params.vf_coef * stats["loss/value"].item(), abs=1e-7)
     assert stats["policy/advantages"].tolist() == adv[mask.bool()].tolist()
     assert torch.isfinite(stats["policy/entropy"])
+
+
+def test_every_declared_kl_estimator_is_implemented():
+    """params.yaml accepts exactly the estimators core.kl_penalty implements (core imports no params)."""
+    from minichatgpt.params import KL_ESTIMATORS
+
+    logits = torch.tensor([[[0.1, 0.2, 0.3]]])
+    for estimator in KL_ESTIMATORS:
+        kl_penalty(t([[-1.0]]), t([[-1.2]]), estimator, logits=logits, ref_logits=logits + 0.1)
+    with pytest.raises(ValueError, match="expected kl, abs, mse, full or k3"):
+        kl_penalty(t([0.0]), t([0.0]), "k2")
+    assert set(KL_ESTIMATORS) == {"kl", "abs", "mse", "full", "k3"}

@@ -40,19 +40,32 @@ def test_walkthrough_notebook_runs_headless(built_project: Path) -> None:
     assert "policy/clipfrac" in last and "objective/kl" in last
 
 
-def test_lab_builds_a_dataset_from_a_local_file(built_project: Path, tmp_path: Path) -> None:
+def test_lab_builds_the_pipelines_training_prompts_from_a_local_file(built_project: Path, tmp_path: Path) -> None:
+    """Lab.build_dataset runs the pipeline's own data code: same split, same cut, no held-out prompt."""
+    import pyarrow as pa
+    import pyarrow.csv  # noqa: F401
+
     from minichatgpt.experiments.imdb import PPOConfig
     from minichatgpt.notebook.lab import Lab
+    from minichatgpt.params import load_yaml, section
+    from minichatgpt.pipeline.data import load_dataset_reviews, split_corpus
 
-    long = "This film is a quiet, patient study of grief, and it earns every minute of its running time. " * 3
+    texts = [f"Review {i}: a quiet, patient study of grief that earns every minute of its running time. " * 3
+             for i in range(40)] + ["too short"]
     csv = tmp_path / "reviews.csv"
-    csv.write_text('text,label\n"' + long + '",1\n"too short",0\n"' + long.upper() + '",0\n')
+    pa.csv.write_csv(pa.table({"text": texts, "label": [i % 2 for i in range(len(texts))]}), csv)
     ds = Lab(PPOConfig(), root=built_project).build_dataset(str(csv), input_min_text_length=2,
                                                           input_max_text_length=5)
-    assert len(ds) == 2  # the short review is filtered out, as in the original notebook
-    for row in ds:
-        assert 2 <= len(row["input_ids"]) <= 5
-        assert long.lower().startswith(row["query"].lower())
+    data = section(load_yaml(built_project / "params.yaml"), "data")
+    assert len(ds) == 40 - data.eval_prompts  # the short review is no prompt; the held-out ones stay out
+    data.dataset, data.input_max_text_length = str(csv), 5
+    _, prompts = split_corpus(load_dataset_reviews(str(csv)), data)
+    tokenizer = Lab(PPOConfig(), root=built_project).tokenizer()
+    train = [(text, n) for text, n, split in zip(prompts["text"].to_pylist(), prompts["query_len"].to_pylist(),
+                                                  prompts["split"].to_pylist()) if split == "train"]
+    expected = [tokenizer(text, add_special_tokens=False)["input_ids"][:n] for text, n in train]
+    assert [row["input_ids"].tolist() for row in ds] == expected
+    assert all(2 <= len(ids) <= 5 for ids in expected)
 
 
 def test_lab_says_how_to_build_missing_models(tmp_path: Path) -> None:

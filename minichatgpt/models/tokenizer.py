@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -84,3 +87,27 @@ def pad_ids(rows: list[list[int]], pad_id: int, left: bool = False) -> tuple[tor
     """Token-id rows as a model's ``(input_ids, attention_mask)``, both ``long``."""
     ids, mask = pad_rows(rows, pad_id, torch.long, left=left)
     return ids, mask.long()
+
+
+class _UnpaddedRowsFilter(logging.Filter):
+    """Drops transformers' 'input_ids may be padded' warning while :func:`unpadded_rows` is active."""
+
+    active = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (self.active and "attention_mask" in record.getMessage())
+
+
+_UNPADDED = _UnpaddedRowsFilter()
+logging.getLogger("transformers.modeling_utils").addFilter(_UNPADDED)
+
+
+@contextlib.contextmanager
+def unpadded_rows() -> Iterator[None]:
+    """For rows that hold no padding but may hold EOS (packed rows, windows of a token stream, where
+    EOS is also the pad token): transformers' warning that they may be padded would only mislead."""
+    _UNPADDED.active = True
+    try:
+        yield
+    finally:
+        _UNPADDED.active = False

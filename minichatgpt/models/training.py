@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from minichatgpt.models.tokenizer import pad_ids
+from minichatgpt.models.tokenizer import pad_ids, unpadded_rows
 from minichatgpt.params import PretrainParams, RewardParams
 
 log = logging.getLogger(__name__)
@@ -57,14 +57,17 @@ def pretrain_lm(model: torch.nn.Module, stream: np.ndarray, valid: np.ndarray, p
     gen = torch.Generator().manual_seed(params.seed)
     data = torch.from_numpy(stream.astype(np.int64))
     block = params.block_size
+    # the loss transformers falls back to for a GPT-2 LM, named so that it does not warn (not saved)
+    model.loss_type = "ForCausalLM"
 
     def loss_at(step: int) -> torch.Tensor:
         starts = torch.randint(0, len(data) - block - 1, (params.batch_size,), generator=gen)
         batch = torch.stack([data[s : s + block] for s in starts.tolist()])
         return model(input_ids=batch, labels=batch).loss
 
-    _train_steps(model, params.max_steps, params.learning_rate, "pretrain", loss_at)
-    valid_loss = lm_loss(model, valid, block)
+    with unpadded_rows():  # windows of the stream: EOS separates texts, nothing is padding
+        _train_steps(model, params.max_steps, params.learning_rate, "pretrain", loss_at)
+        valid_loss = lm_loss(model, valid, block)
     return {"pretrain/valid_loss": valid_loss, "pretrain/valid_perplexity": math.exp(valid_loss),
             "pretrain/steps": params.max_steps}
 

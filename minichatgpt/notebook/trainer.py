@@ -42,9 +42,6 @@ class PPOTrainer:
     ):
         from accelerate import Accelerator
 
-        from minichatgpt.runtime.host import keep_freed_memory
-
-        keep_freed_memory()  # see minichatgpt.runtime.host: a fifth of a CPU step was page faults
         self.config = config
         self.params = config.ppo_params()
         self.model, self.ref_model, self.tokenizer = model, ref_model.eval(), tokenizer

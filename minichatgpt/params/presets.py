@@ -14,7 +14,7 @@ from minichatgpt.params import ITERATIONS, SECTIONS, ParamsError, as_dict, close
 
 HEADER = """\
 # minichatgpt parameters, written by `python -m minichatgpt.params{preset}` from the declarations
-# in minichatgpt/params.py (each comment is the setting's doc there). Each DVC stage reads only its
+# in minichatgpt/params/__init__.py (each comment is the doc there). Each DVC stage reads only its
 # own sections (dvc.yaml), so changing a value reruns exactly the stages it can affect.
 """
 ITERS_NOTE = """\

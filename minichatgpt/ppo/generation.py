@@ -9,17 +9,15 @@ positions and padding never leaks into the numbers.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
-import logging
 from dataclasses import dataclass
 
 import torch
 
 from minichatgpt.core import logprobs_and_entropy, logprobs_from_logits
 from minichatgpt.models.policy import PolicyWithValueHead
-from minichatgpt.models.tokenizer import pad_ids, pad_rows
+from minichatgpt.models.tokenizer import pad_ids, pad_rows, unpadded_rows
 
 
 @dataclass
@@ -201,7 +199,7 @@ def _packing_ok(model: torch.nn.Module) -> bool:
         tight = packed(batch)
         training = lm.training
         lm.eval()  # no dropout: the two layouts must give the same numbers
-        with torch.no_grad(), _no_padding_warning():
+        with torch.no_grad(), unpadded_rows():
             padded = lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             flat = lm(input_ids=tight["input_ids"], position_ids=tight["position_ids"], use_cache=False).logits
         lm.train(training)
@@ -222,29 +220,6 @@ def _run(model: torch.nn.Module, ids: torch.Tensor, **kwargs) -> tuple[torch.Ten
     return model(input_ids=ids, use_cache=False, **kwargs).logits, None
 
 
-class _PackedRowsFilter(logging.Filter):
-    """Packed rows carry no attention mask by design; transformers' 'input_ids may be padded'
-    warning (it sees EOS at a row's end) would only mislead, so it is dropped while they run."""
-
-    active = False
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (self.active and "attention_mask" in record.getMessage())
-
-
-_PACKED_ROWS = _PackedRowsFilter()
-logging.getLogger("transformers.modeling_utils").addFilter(_PACKED_ROWS)
-
-
-@contextlib.contextmanager
-def _no_padding_warning():
-    _PACKED_ROWS.active = True
-    try:
-        yield
-    finally:
-        _PACKED_ROWS.active = False
-
-
 def _packed_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], real: torch.Tensor) -> tuple:
     """Response logits in flat-position order, their targets, ``(B, R)`` values, and the
     permutation that takes flat-position order back to row-major order of ``real``."""
@@ -254,7 +229,7 @@ def _packed_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], real
     flat_pos, order = where[real].sort()
     keep = torch.zeros(ids.numel(), dtype=torch.bool)
     keep[flat_pos] = True
-    with _no_padding_warning():
+    with unpadded_rows():
         logits, values = _run(model, ids, position_ids=tight["position_ids"], logits_to_keep=keep.view_as(ids))
     targets = ids.reshape(-1)[flat_pos + 1]
     return logits, targets, None if values is None else values.reshape(-1)[where], order.argsort()

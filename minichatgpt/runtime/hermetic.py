@@ -65,6 +65,9 @@ PINNED = {
 }
 """Fixed values every stage process runs with."""
 
+THREAD_RUNTIME_PREFIXES = ("OMP_", "GOMP_", "KMP_", "MKL_")
+"""Settings of the OpenMP and MKL runtimes, which a stage never inherits."""
+
 _REEXEC = "_MINICHATGPT_HERMETIC"
 """Set on the re-executed process: a second mismatch is reported instead of looping."""
 
@@ -112,6 +115,6 @@ def pin_this_process() -> None:
     loaded = [m for m in ("torch", "numpy", "pyarrow", "tokenizers") if m in sys.modules]
     if loaded:
         raise RuntimeError(f"pin_this_process() must run before importing {', '.join(loaded)}")
-    for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "KMP_AFFINITY", "OMP_SCHEDULE"):
-        os.environ.pop(key, None)
+    for key in [k for k in os.environ if k.startswith(THREAD_RUNTIME_PREFIXES)]:
+        del os.environ[key]  # e.g. MKL_NUM_THREADS, KMP_AFFINITY, GOMP_SPINCOUNT: threads and scheduling
     os.environ.update(pins)
