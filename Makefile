@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install install-pretrained bytecode repro test lint plots clean bench bench-learning
+.PHONY: install install-pretrained bytecode repro test unit lint plots clean bench bench-learning
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +34,13 @@ bytecode: install
 repro: bytecode
 	$(BIN)/dvc repro
 
+# Every test, end-to-end and slow ones included (CI: .ci/run and the workflow run this); the
+# explicit -m "" overrides pyproject's addopts, which leave those out of a plain `pytest`.
 test: bytecode
+	$(BIN)/pytest -q -m ""
+
+# The unit tests only (plain `pytest`): under a minute on 2 cores.
+unit: bytecode
 	$(BIN)/pytest -q
 
 plots: install

@@ -74,6 +74,7 @@ def capability_levels() -> list[dict[str, str]]:
     return levels
 
 
+@pytest.mark.slow
 def test_the_cpu_levels_change_unpinned_results() -> None:
     """The control for the pipeline test below: on this CPU the levels really give different bytes."""
     results = {probe(level) for level in capability_levels()}

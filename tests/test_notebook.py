@@ -27,6 +27,7 @@ def built_project(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_walkthrough_notebook_runs_headless(built_project: Path) -> None:
     nb = nbformat.read(ROOT / "notebooks" / "ppo_walkthrough.ipynb", as_version=4)
     workdir = built_project / "notebooks"
@@ -40,6 +41,7 @@ def test_walkthrough_notebook_runs_headless(built_project: Path) -> None:
     assert "policy/clipfrac" in last and "objective/kl" in last
 
 
+@pytest.mark.slow
 def test_lab_builds_the_pipelines_training_prompts_from_a_local_file(built_project: Path, tmp_path: Path) -> None:
     """Lab.build_dataset runs the pipeline's own data code: same split, same cut, no held-out prompt."""
     import pyarrow as pa

@@ -52,6 +52,7 @@ def set_param(workdir: Path, section: str, key: str, value) -> None:
     (workdir / "params.yaml").write_text(yaml.safe_dump(params))
 
 
+@pytest.mark.slow
 def test_advantages_stage_writes_validated_output(workdir: Path) -> None:
     proc = run_stage("advantages", ["--iter", "1", "--scored", "scored.parquet", "--out", "adv.parquet"], workdir)
     assert proc.returncode == 0, proc.stderr

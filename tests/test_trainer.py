@@ -66,6 +66,7 @@ def run_stage(name: str, args: list[str], cwd: Path) -> None:
     assert proc.returncode == 0, proc.stderr
 
 
+@pytest.mark.slow
 def test_step_gives_the_same_weights_as_the_stages(tiny_checkpoint: Path) -> None:
     config = PPOConfig(batch_size=8, mini_batch_size=4, forward_batch_size=8, learning_rate=1e-3, seed=3)
     trainer = make_trainer(tiny_checkpoint, config)
@@ -143,24 +144,3 @@ def test_step_safety_checker_names_the_culprit(tiny_checkpoint: Path, change, me
     q, r, s = change(queries, responses, [torch.tensor(0.0)] * 4)
     with pytest.raises(ValueError, match=re.escape(message)):
         trainer._step_safety_checker(4, q, r, s)
-
-
-def test_adam_uses_the_fused_kernel_and_steps_like_plain_adam() -> None:
-    from minichatgpt.ppo.update import adam
-
-    gen = torch.Generator().manual_seed(0)
-    start = [torch.randn(5, 3, generator=gen), torch.randn(7, generator=gen)]
-    grads = [[torch.randn_like(x) for x in start] for _ in range(3)]
-    runs = []
-    for make in (lambda ps: adam(ps, 1e-2), lambda ps: torch.optim.Adam(ps, lr=1e-2)):
-        params = [torch.nn.Parameter(x.clone()) for x in start]
-        opt = make(params)
-        for step in grads:
-            for p, g in zip(params, step):
-                p.grad = g.clone()
-            opt.step()
-        runs.append((opt, params))
-    (fused_opt, fused), (_, plain) = runs
-    assert fused_opt.param_groups[0]["fused"]
-    for a, b, x in zip(fused, plain, start):
-        assert torch.allclose(a, b, atol=1e-6) and not torch.equal(a, x)
