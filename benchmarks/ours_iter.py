@@ -31,6 +31,9 @@ class Runner:
 
         self.import_s = time.perf_counter() - t0
         torch.set_num_threads(work["threads"])
+        from minichatgpt.runtime.host import keep_freed_memory
+
+        keep_freed_memory()  # as every stage process does (setup_torch); PPOTrainer leaves the process alone
         self.reward = RewardModel(work["reward"], batch_size=work["forward_batch_size"])
         config = PPOConfig(**work["ppo"] | {"batch_size": run_spec["batch_size"]},
                            forward_batch_size=work["forward_batch_size"])

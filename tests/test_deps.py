@@ -77,3 +77,23 @@ def test_the_closure_follows_function_level_imports(tmp_path: Path) -> None:
     assert {"minichatgpt/__init__.py", "minichatgpt/pipeline/__init__.py",
             "minichatgpt/pipeline/evaluation.py", "minichatgpt/params/__init__.py"} <= found
     assert "minichatgpt/notebook/lab.py" not in found
+
+
+@pytest.mark.e2e
+def test_editing_the_notebook_api_reruns_nothing_but_editing_the_ppo_code_does(pipeline_repo: Path) -> None:
+    from tests.conftest import sh
+
+    edited = [pipeline_repo / "minichatgpt/notebook/lab.py", pipeline_repo / "minichatgpt/experiments/imdb.py"]
+    ppo_code = pipeline_repo / "minichatgpt/ppo/update.py"
+    originals = {path: path.read_text() for path in [*edited, ppo_code]}
+    try:
+        for path in edited:
+            path.write_text(originals[path] + "\n# edited\n")
+        assert "up to date" in sh(["dvc", "status"], pipeline_repo).stdout.lower()
+        ppo_code.write_text(originals[ppo_code] + "\n# edited\n")
+        changed = sh(["dvc", "status", "--json"], pipeline_repo).stdout
+        assert "rollout@1" in changed and "update@2" in changed
+        assert "pretrain" not in changed and "train_reward" not in changed and "prepare" not in changed
+    finally:
+        for path, text in originals.items():
+            path.write_text(text)

@@ -144,3 +144,20 @@ def test_step_safety_checker_names_the_culprit(tiny_checkpoint: Path, change, me
     q, r, s = change(queries, responses, [torch.tensor(0.0)] * 4)
     with pytest.raises(ValueError, match=re.escape(message)):
         trainer._step_safety_checker(4, q, r, s)
+
+
+def test_the_notebook_api_changes_no_process_wide_state(tiny_checkpoint: Path) -> None:
+    """A notebook's other cells keep their threads, environment and logging; generating and stepping
+    draw from the trainer's own seeded generators, not torch's global one."""
+    import logging
+
+    def state() -> tuple:
+        return torch.get_num_threads(), dict(os.environ), logging.getLogger().level, list(logging.getLogger().handlers)
+
+    before = state()
+    trainer = make_trainer(tiny_checkpoint, PPOConfig(batch_size=4, mini_batch_size=2, ppo_epochs=1))
+    rng = torch.get_rng_state().clone()
+    queries, responses = sample_batch(trainer, 4)
+    trainer.step(queries, responses, [torch.tensor(float(i)) for i in range(4)])
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert state() == before
