@@ -34,7 +34,7 @@ def main() -> dict:
 
     import torch
 
-    from minichatgpt.models.training import classifier_accuracy, classifier_examples, train_classifier
+    from minichatgpt.models.supervised import classifier_accuracy, classifier_examples, train_classifier
 
     corpus = read_table(args.corpus, "corpus")
     texts, labels, splits = (corpus[c].to_pylist() for c in ("text", "label", "split"))
