@@ -28,8 +28,8 @@ def main() -> dict:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from minichatgpt.models.policy import PolicyWithValueHead, initial_state, save_policy
-    from minichatgpt.models.tokenizer import train_bpe_tokenizer
     from minichatgpt.models.supervised import pretrain_lm, token_stream
+    from minichatgpt.models.tokenizer import train_bpe_tokenizer
 
     texts, splits = corpus["text"].to_pylist(), corpus["split"].to_pylist()
     train_texts = [t for t, s in zip(texts, splits) if s == "train"]

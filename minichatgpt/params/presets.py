@@ -33,6 +33,8 @@ def defaults() -> dict[str, Any]:
 def compose(preset: dict | None = None) -> dict[str, Any]:
     """The defaults with a preset's values over them (its ``iters``, if any, replaces the chain)."""
     out = defaults()
+    if preset is not None and not isinstance(preset, dict):
+        raise ParamsError(f"preset: expected a mapping of sections, found {type(preset).__name__}")
     for name, values in (preset or {}).items():
         if name not in out:
             raise ParamsError(f"preset: unknown section {name}; did you mean {closest(name, sorted(out))}?")
