@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install install-pretrained bytecode repro test unit lint plots clean bench bench-learning
+.PHONY: notebook install install-pretrained bytecode repro test unit lint plots clean bench bench-learning
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,11 @@ test: bytecode
 # The unit tests only (plain `pytest`): under a minute on 2 cores.
 unit: bytecode
 	$(BIN)/pytest -q
+
+# JupyterLab on the walkthrough (the seed notebook); the tests execute it headless.
+notebook: install
+	$(BIN)/pip install -q -e ".[notebook]"
+	$(BIN)/jupyter lab notebooks/ppo_walkthrough.ipynb
 
 plots: install
 	$(BIN)/python -m minichatgpt.pipeline.report .dvc/plots/offline.html

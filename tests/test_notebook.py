@@ -27,8 +27,23 @@ def built_project(tmp_path_factory) -> Path:
     return root
 
 
+def test_the_walkthrough_is_the_seed_notebook_and_is_committed_with_its_outputs() -> None:
+    """The seed's cells: only batch_size and forward_batch_size are set before init_ppo_trainer."""
+    nb = nbformat.read(ROOT / "notebooks" / "ppo_walkthrough.ipynb", as_version=4)
+    code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    settings = [line.split("#")[0].strip() for cell in code for line in cell.source.splitlines()
+                if line.startswith("config.")]
+    assert settings == ["config.batch_size = 4", "config.forward_batch_size = 2"]
+    assert "from minichatgpt.experiments.imdb import config, sent_kwargs" in code[0].source
+    assert [cell.execution_count for cell in code] == list(range(1, len(code) + 1)), "commit it executed in order"
+    assert all(cell.outputs for cell in code[1:])
+    streams = [o.get("text", "") for cell in code for o in cell.outputs if o.get("name") == "stderr"]
+    assert not [s for s in streams if "warn" in s.lower()], streams
+
+
 @pytest.mark.slow
 def test_walkthrough_notebook_runs_headless(built_project: Path) -> None:
+    """Every cell of the seed notebook, verbatim, on models built by the tiny stages."""
     nb = nbformat.read(ROOT / "notebooks" / "ppo_walkthrough.ipynb", as_version=4)
     workdir = built_project / "notebooks"
     workdir.mkdir(exist_ok=True)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,20 @@ class LengthSampler:
 
     def __call__(self) -> int:
         return int(self.rng.integers(self.low, self.high + 1))
+
+
+@contextlib.contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """Without transformers' per-model 'Loading weights' bars, restored afterwards (a notebook's own setting)."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
 
 
 class Lab:
@@ -115,8 +131,9 @@ class Lab:
         from minichatgpt.models.policy import PolicyWithValueHead, load_causal_lm
 
         ref = self._resolve(self.config.model_name)
-        policy = PolicyWithValueHead(load_causal_lm(ref), seed=self.config.seed)
-        reference = load_causal_lm(ref)
+        with _quiet_loading():
+            policy = PolicyWithValueHead(load_causal_lm(ref), seed=self.config.seed)
+            reference = load_causal_lm(ref)
         for p in reference.parameters():
             p.requires_grad_(False)
         return policy, reference, self.tokenizer()
@@ -139,4 +156,5 @@ class Lab:
         from minichatgpt.models.reward import RewardModel, is_function_ref
 
         ref = self.config.reward_model_name
-        return RewardModel(ref if is_function_ref(ref) else self._resolve(ref))
+        with _quiet_loading():
+            return RewardModel(ref if is_function_ref(ref) else self._resolve(ref))
