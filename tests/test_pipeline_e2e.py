@@ -92,8 +92,8 @@ def test_lam_change_reruns_from_first_advantages(repo: Path, tmp_path: Path) -> 
         # plots diff draws both experiments in every chart, offline
         sh(["dvc", "plots", "diff", "HEAD", "lam09", "-o", str(tmp_path / "diff")], repo)
         html = (tmp_path / "diff" / "index.html").read_text()
-        assert html.count("vegaEmbed('#") == 7
-        assert html.count('"rev": "lam09"') >= 7 and html.count('"rev": "HEAD"') >= 7
+        assert html.count("vegaEmbed('#") == 8
+        assert html.count('"rev": "lam09"') >= 8 and html.count('"rev": "HEAD"') >= 8
         assert "<script src=" not in html
     finally:
         restore(repo)
@@ -104,7 +104,7 @@ def test_plots_show_renders_offline_html(repo: Path, tmp_path: Path) -> None:
     html = (tmp_path / "plots" / "index.html").read_text()
     specs = [json.loads(s) for s in re.findall(r"var spec = (\{.*?\});\s*vegaEmbed", html, re.S)]
     titles = [spec["title"]["text"] if isinstance(spec["title"], dict) else spec["title"] for spec in specs]
-    assert len(specs) == 7 and "KL to the reference per PPO iteration" in titles
+    assert len(specs) == 8 and "KL to the reference per PPO iteration" in titles
     assert not re.search(r"<script[^>]*\bsrc=", html)  # no CDN (or any external) script
     assert "window.vegaEmbed" in html  # the inlined bundle defines what each chart's script calls
     by_title = dict(zip(titles, specs))

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from minichatgpt.pipeline.report import iteration_rows, offline_html_template, reward_histogram
+from tests.conftest import ROOT
 
 
 def test_reward_histogram_counts_each_prompt_once_on_shared_edges() -> None:
@@ -44,3 +45,19 @@ def test_offline_template_inlines_vega_and_keeps_dvc_placeholders() -> None:
     assert page.count("{plot_divs}") == 1 and "{scripts}" not in page
     assert not re.search(r"<script[^>]*\bsrc=", page)
     assert "window.vegaEmbed" in page and page.count("</script>") == 1
+
+
+def test_samples_table_shows_whole_responses_and_marks_empty_ones() -> None:
+    """Rendered by Vega (vl-convert, no browser): no response is cut, an empty one is named."""
+    import html
+
+    import vl_convert
+
+    long = "the woman playing all. then puts his somewhat very old great comedy all a horse and the whole cast"
+    rows = [{"rev": "workspace", "query": "Masters of Horror has", "response_before": long, "score_before": -0.5,
+             "response_after": "", "score_after": 0.9}]
+    text = (ROOT / ".dvc/plots/samples_table.json").read_text()
+    text = text.replace('"<DVC_METRIC_TITLE>"', '"samples"').replace('"<DVC_METRIC_DATA>"', json.dumps(rows))
+    svg = html.unescape(vl_convert.vegalite_to_svg(json.loads(text)))
+    assert long in svg and "…" not in svg
+    assert "(empty response)" in svg and "+0.900" in svg and "-0.500" in svg.replace("−", "-")
