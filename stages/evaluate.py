@@ -28,6 +28,7 @@ def main() -> dict:
 
     raw = load_yaml(args.params)
     params, gen, runtime = section(raw, "evaluate"), section(raw, "generation"), section(raw, "runtime")
+    reward_model = section(raw, "reward").model
     last = list(iterations(raw))[-1]
     prompts = read_table(args.prompts, "prompts")
     final_dir = Path(args.checkpoints) / last
@@ -41,13 +42,15 @@ def main() -> dict:
         stats[key] = json.loads(file.read_text())
     setup_torch(runtime.threads)
 
+    from minichatgpt.models.reward import is_function_ref
     from minichatgpt.pipeline.evaluation import evaluate
     from minichatgpt.pipeline.report import iteration_rows, reward_histogram
     from minichatgpt.ppo.steps import sample_prompts
 
     held_out = sample_prompts(prompts, "eval", None, None)
     seed = stage_seed(params.seed, "evaluate")
-    summary, samples, scores = evaluate(Path(args.checkpoints) / "0", final_dir, args.reward, held_out, gen, seed,
+    reward = reward_model if is_function_ref(reward_model) else args.reward  # code only as params.yaml names it
+    summary, samples, scores = evaluate(Path(args.checkpoints) / "0", final_dir, reward, held_out, gen, seed,
                                         params.samples)
     summary["iterations"] = int(last)
     write_json(iteration_rows(stats), args.iterations)

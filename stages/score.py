@@ -26,6 +26,7 @@ def main() -> dict:
 
     raw = load_yaml(args.params)
     ppo, gen, runtime = section(raw, "ppo"), section(raw, "generation"), section(raw, "runtime")
+    reward_model = section(raw, "reward").model
     rollouts = read_table(args.rollouts, "rollouts")
     state_file = Path(args.policy) / "state.json"
     if not state_file.is_file():
@@ -34,7 +35,7 @@ def main() -> dict:
     setup_torch(runtime.threads)
 
     from minichatgpt.models.policy import load_causal_lm, source_of
-    from minichatgpt.models.reward import RewardModel
+    from minichatgpt.models.reward import RewardModel, is_function_ref
     from minichatgpt.models.tokenizer import load_tokenizer
     from minichatgpt.ppo.steps import (
         batch_stats,
@@ -45,7 +46,9 @@ def main() -> dict:
         score,
     )
 
-    reward = RewardModel(args.reward, batch_size=gen.forward_batch_size)
+    # a module:function reward runs because params.yaml names it; --reward is only ever weights
+    reward = RewardModel(reward_model if is_function_ref(reward_model) else args.reward,
+                         batch_size=gen.forward_batch_size)
     texts = [q + r for q, r in zip(rollouts["query"].to_pylist(), rollouts["response"].to_pylist())]
     scores = np.asarray(reward.score(texts), dtype=np.float32)
     reference = load_causal_lm(args.reference)

@@ -75,7 +75,7 @@ def test_step_gives_the_same_weights_as_the_stages(tiny_checkpoint: Path) -> Non
     root = tiny_checkpoint
     write_table(rollouts, root / "runs/rollouts/1.parquet", "rollouts")
     params = {"runtime": {"threads": torch.get_num_threads()}, "generation": {"forward_batch_size": 8},
-              "ppo": config.ppo_params().__dict__}
+              "ppo": config.ppo_params().__dict__, "reward": {"model": "tests.rewards:keyword_score"}}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     run_stage("score", ["--iter", "1", "--rollouts", "runs/rollouts/1.parquet", "--policy",
                         "checkpoints/0", "--out", "runs/scored/1.parquet"], root)

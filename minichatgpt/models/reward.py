@@ -23,7 +23,7 @@ from minichatgpt.models.sources import ModelError, resolve_ref
 log = logging.getLogger(__name__)
 
 FUNCTION_FILE = "reward_function.json"
-"""written by train_reward when the reward is a ``module:function``."""
+"""written by train_reward when the reward is a ``module:function``: a record, never imported from."""
 SOURCE_FILE = "source.json"
 """written by train_reward when the reward is a Hugging Face name or a local model directory."""
 
@@ -60,10 +60,14 @@ class RewardModel:
         self.batch_size = batch_size
         self.function = None
         ref_path = Path(ref)
-        if (ref_path / FUNCTION_FILE).is_file():
-            ref = json.loads((ref_path / FUNCTION_FILE).read_text())["function"]
-        elif (ref_path / SOURCE_FILE).is_file():  # train_reward recorded a Hub name / local directory
+        if (ref_path / FUNCTION_FILE).is_file():  # a directory is weights and configs, never code
+            recorded = json.loads((ref_path / FUNCTION_FILE).read_text()).get("function")
+            raise ModelError(f"{ref_path}: holds no weights but records the reward function {recorded!r}; code "
+                             "runs only where params.yaml names it (reward.model), never from a model directory")
+        if (ref_path / SOURCE_FILE).is_file():  # train_reward recorded a Hub name / local directory
             ref = json.loads((ref_path / SOURCE_FILE).read_text())["model"]
+            if is_function_ref(ref):
+                raise ModelError(f"{ref_path / SOURCE_FILE}: names {ref!r}, which is not a model")
         if isinstance(ref, str) and is_function_ref(ref):
             self.function = load_function(ref)
             self.model = self.tokenizer = None
