@@ -44,9 +44,10 @@ unit: bytecode
 	$(BIN)/pytest -q
 
 # JupyterLab on the walkthrough (the seed notebook); the tests execute it headless.
+# As root (a container): make notebook JUPYTER_ARGS=--allow-root
 notebook: install
 	$(BIN)/pip install -q -e ".[notebook]"
-	$(BIN)/jupyter lab notebooks/ppo_walkthrough.ipynb
+	$(BIN)/jupyter lab $(JUPYTER_ARGS) notebooks/ppo_walkthrough.ipynb
 
 plots: install
 	$(BIN)/python -m minichatgpt.pipeline.report .dvc/plots/offline.html
