@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -15,6 +19,7 @@ from minichatgpt.pipeline.artifacts import (
     ArtifactError,
     atomic_path,
     read_table,
+    verify_checksums,
     write_json,
     write_table,
 )
@@ -157,7 +162,7 @@ def test_atomic_path_failure_keeps_previous_file(tmp_path):
     final.write_text("old")
     with pytest.raises(RuntimeError, match="boom"):
         with atomic_path(final) as tmp:
-            assert tmp != final and tmp.parent == final.parent
+            assert tmp != final and tmp.parent.parent == final.parent and tmp.parent.name.startswith(".tmp-")
             tmp.write_text("new, half written")
             raise RuntimeError("boom")
     assert final.read_text() == "old"
@@ -183,14 +188,95 @@ def test_atomic_path_success_replaces(tmp_path):
         tmp.mkdir()
         (tmp / "new.bin").write_bytes(b"new")
         assert listing(final) == ["old.bin"]  # nothing visible until the block ends
-    assert listing(final) == ["new.bin"]
+    assert listing(final) == ["SHA256SUMS", "new.bin"]
+    assert (final / "SHA256SUMS").read_text() == f"{hashlib.sha256(b'new').hexdigest()}  new.bin\n"
     assert listing(tmp_path) == ["model"]
 
 
-def test_atomic_path_removes_stale_temp(tmp_path):
+def test_atomic_path_removes_the_staging_dirs_of_dead_writers_only(tmp_path):
     final = tmp_path / "a.json"
-    (tmp_path / ".tmp-a.json").mkdir()  # a leftover of a crashed write of a directory artifact
-    (tmp_path / ".tmp-a.json" / "part").write_text("stale")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = tmp_path / f".tmp-a.json-{int(dead.stdout)}-x1"  # a writer killed mid-write left this
+    (orphan / "a.json").mkdir(parents=True)
+    (orphan / "a.json" / "part").write_text("stale")
+    live = tmp_path / f".tmp-a.json-{os.getppid()}-x2"  # a writer that is still running
+    live.mkdir()
     write_json({"b": 1, "a": [1.5]}, final)
     assert final.read_text() == '{\n  "a": [\n    1.5\n  ],\n  "b": 1\n}\n'
-    assert listing(tmp_path) == ["a.json"]
+    assert listing(tmp_path) == [live.name, "a.json"]
+
+
+WRITER = """
+import sys, time
+from pathlib import Path
+from minichatgpt.pipeline.artifacts import atomic_path
+final, name, rounds, pause = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+for r in range(rounds):
+    with atomic_path(final) as tmp:
+        tmp.mkdir()
+        for part in range(8):
+            (tmp / f"part{part}").write_text(f"{name} {r}")
+            time.sleep(pause)
+print("done", flush=True)
+"""
+
+
+def read_dir(path: Path) -> dict[str, str]:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        parts = {}
+        for name in sorted(os.listdir(fd)):
+            if name.startswith("part"):
+                f = os.open(name, os.O_RDONLY, dir_fd=fd)
+                with os.fdopen(f) as stream:
+                    parts[name] = stream.read()
+        return parts
+    finally:
+        os.close(fd)
+
+
+def test_two_writers_of_one_output_never_delete_or_mix_each_others_files(tmp_path):
+    """An orphaned stage and its rerun writing the same checkpoint at once: every result lands
+    whole (all parts from one writer and round, with a matching manifest), none is lost."""
+    final = tmp_path / "checkpoint"
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(final), name, "12", pause],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for name, pause in (("orphan", "0.002"), ("rerun", "0.003"))]
+    seen = set()
+    while any(w.poll() is None for w in writers):
+        try:  # read one directory (inode) throughout, as a loader holding it open would
+            parts = read_dir(final)
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # between the two renames of a swap
+        if parts:
+            assert len(parts) == 8 and len(set(parts.values())) == 1, parts  # never a mix
+            seen.add(next(iter(parts.values())))
+    for w in writers:
+        out, err = w.communicate()
+        assert w.returncode == 0 and out == "done\n", err  # neither lost its output to the other
+    verify_checksums(final)
+    last = (final / "part0").read_text()
+    assert {p.read_text() for p in final.glob("part*")} == {last} and last.endswith(" 11")
+    assert listing(tmp_path) == ["checkpoint"]  # no staging directory left behind
+    assert len({s.split()[0] for s in seen}) == 2  # both writers' results were in place at some point
+
+
+def test_a_truncated_or_altered_file_is_refused_naming_it(tmp_path):
+    final = tmp_path / "ckpt"
+    with atomic_path(final) as tmp:
+        (tmp / "sub").mkdir(parents=True)
+        (tmp / "model.safetensors").write_bytes(b"w" * 1000)
+        (tmp / "sub" / "state.json").write_text("{}")
+    verify_checksums(final)
+    (final / "model.safetensors").write_bytes(b"w" * 999)  # truncated
+    with pytest.raises(ArtifactError, match=r"ckpt/model\.safetensors: contents differ from the sha256"):
+        verify_checksums(final)
+    (final / "model.safetensors").write_bytes(b"w" * 1000)
+    verify_checksums(final)
+    (final / "sub" / "state.json").write_text("[]")  # altered, same size
+    with pytest.raises(ArtifactError, match=r"ckpt/sub/state\.json: contents differ"):
+        verify_checksums(final)
+    (final / "sub" / "state.json").unlink()
+    with pytest.raises(ArtifactError, match=r"state\.json: missing, but listed in .*SHA256SUMS"):
+        verify_checksums(final)
+    verify_checksums(tmp_path)  # a directory without a manifest (a model saved elsewhere) is not checked

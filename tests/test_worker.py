@@ -26,6 +26,14 @@ def env_for(tmp_path: Path, **extra: str) -> dict[str, str]:
                          "MINICHATGPT_WORKER_REPORT": "1", "MINICHATGPT_WORKER": "1"} | extra
 
 
+def socket_for(env: dict[str, str], root: str | None) -> Path:
+    """The socket of the worker that serves a stage process started with ``env`` from this process
+    (a script in checkout ``root``): the key is computed by a process with the same settings."""
+    return Path(subprocess.run([sys.executable, "-c", "from minichatgpt.runtime.worker import socket_path; "
+                                "print(socket_path())"], env=stage_environ(env, root), capture_output=True,
+                               text=True, check=True).stdout.strip())
+
+
 def advantages(tmp_path: Path, out: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(ROOT / "stages/advantages.py"), "--iter", "1", "--scored", "scored.parquet",
@@ -38,9 +46,7 @@ def test_a_stage_run_by_the_worker_writes_the_bytes_of_a_cold_run_and_refuses_al
     env = env_for(tmp_path)
     cold = advantages(tmp_path, "cold.parquet", env | {"MINICHATGPT_WORKER": "0"})
     assert cold.returncode == 0, cold.stderr
-    sock = Path(subprocess.run([sys.executable, "-c", "from minichatgpt.runtime.worker import socket_path; "
-                                "print(socket_path())"], env=stage_environ(env), capture_output=True, text=True,
-                               check=True).stdout.strip())
+    sock = socket_for(env, str(ROOT))
     first = advantages(tmp_path, "first.parquet", env)  # no worker yet: runs here, starts one
     assert first.returncode == 0, first.stderr
     assert "[worker]" not in first.stderr
@@ -103,9 +109,7 @@ def test_the_worker_kills_the_child_of_a_killed_stage_and_reports_a_child_killed
         return subprocess.Popen([sys.executable, "probe.py", "--mode", mode], cwd=tmp_path, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
-    sock = Path(subprocess.run([sys.executable, "-c", "from minichatgpt.runtime.worker import socket_path; "
-                                "print(socket_path())"], env=stage_environ(env), capture_output=True, text=True,
-                               check=True).stdout.strip())
+    sock = socket_for(env, None)
     assert probe("return").wait() == 0  # no worker yet: runs here, starts one
     deadline = time.monotonic() + 120
     while not sock.exists() and time.monotonic() < deadline:
@@ -171,9 +175,7 @@ def test_a_squatter_of_another_uid_receives_nothing_and_the_stage_still_runs(tmp
     write_table(scored_table(), tmp_path / "scored.parquet", "scored")
     env = env_for(tmp_path, TMPDIR=str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir(mode=0o1777)
-    sock = Path(subprocess.run([sys.executable, "-c", "from minichatgpt.runtime.worker import socket_path; "
-                                "print(socket_path())"], env=stage_environ(env), capture_output=True, text=True,
-                               check=True).stdout.strip())
+    sock = socket_for(env, str(ROOT))
     assert sock.parent.stat().st_mode & 0o777 == 0o700 and sock.parent.stat().st_uid == os.getuid()
     if where == "their directory":
         sock.parent.rmdir()

@@ -19,6 +19,7 @@ from torch import nn
 
 from minichatgpt.models.sources import ModelError, pretrained_kwargs
 from minichatgpt.models.tokenizer import load_tokenizer, save_tokenizer
+from minichatgpt.pipeline.artifacts import verify_checksums
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 def source_of(ckpt: Path) -> str:
     """Where the (base) LM weights of a checkpoint directory live: itself, or a recorded
     name or directory, followed through checkpoints that record one in turn."""
+    verify_checksums(ckpt)  # every directory on the way, before any of its files is read
     src = ckpt / SOURCE_FILE
     if src.is_file():
         name = json.loads(src.read_text())["model"]
@@ -227,6 +229,7 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, ckpt: Path) -> bool:
     file = ckpt / "optimizer.safetensors"
     if not file.is_file():
         return False
+    verify_checksums(ckpt)
     tensors = load_file(file)
     state: dict[int, dict[str, torch.Tensor]] = {}
     for name, value in tensors.items():

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from minichatgpt.models.sources import ModelError, resolve_ref
+from minichatgpt.pipeline.artifacts import verify_checksums
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,8 @@ class RewardModel:
         self.batch_size = batch_size
         self.function = None
         ref_path = Path(ref)
+        if ref_path.is_dir():
+            verify_checksums(ref_path)
         if (ref_path / FUNCTION_FILE).is_file():  # a directory is weights and configs, never code
             recorded = json.loads((ref_path / FUNCTION_FILE).read_text()).get("function")
             raise ModelError(f"{ref_path}: holds no weights but records the reward function {recorded!r}; code "

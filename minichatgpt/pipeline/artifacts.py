@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,30 +44,78 @@ SCHEMAS["scored"] = pa.schema(list(SCHEMAS["rollouts"]) + [
 SCHEMAS["advantages"] = pa.schema(list(SCHEMAS["scored"]) + [
     pa.field("advantages", FLOAT_LIST), pa.field("returns", FLOAT_LIST),
 ])
+TMP_PREFIX = ".tmp-"
+"""Hidden names of staging directories and output locks (ignored by git; never a finished-looking output)."""
+CHECKSUMS = "SHA256SUMS"
+"""Manifest of a directory output, in ``sha256sum`` format (``sha256sum -c SHA256SUMS`` checks it too)."""
 # per-token columns that must have one entry per response token
 PER_TOKEN = ("logprobs", "values", "ref_logprobs", "kl", "rewards", "advantages", "returns")
 
 
 @contextlib.contextmanager
 def atomic_path(final: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling path; move it onto ``final`` only if the block succeeds.
+    """Yield a temporary path beside ``final``; move it onto ``final`` only if the block succeeds.
 
-    Works for files and directories. The temporary name starts with ``.tmp-`` so a
-    crash leaves at most a hidden leftover, never a finished-looking output.
+    Works for files and directories. Each writer stages under its own hidden name
+    (``.tmp-<name>-<pid>-<random>``), so two writers of one output (a stage orphaned by a
+    killed ``dvc`` and its rerun) never write into or delete each other's files. The final
+    swap happens under a lock on the output, so each result lands whole and the last one
+    wins. A directory output gets a ``SHA256SUMS`` manifest that readers check
+    (:func:`verify_checksums`).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{final.name}"
-    _remove(tmp)
+    work = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{final.name}-{os.getpid()}-", dir=final.parent))
+    staged = work / final.name
     try:
-        yield tmp
-        _fsync_tree(tmp)
-        if final.is_dir() and not final.is_symlink():
-            _remove(final)  # a directory cannot be replaced in one step; a file can
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        yield staged
+        if staged.is_dir() and not staged.is_symlink():
+            write_checksums(staged)
+        _fsync_tree(staged)
+        with output_lock(final):
+            _remove_orphans(final)
+            if final.is_dir() and not final.is_symlink():
+                os.replace(final, work / ".replaced")  # a directory cannot be replaced in one step; a file can
+            os.replace(staged, final)
+            _fsync_dir(final.parent)
     finally:
-        _remove(tmp)
+        _remove(work)
+
+
+@contextlib.contextmanager
+def output_lock(final: Path) -> Iterator[None]:
+    """Exclusive lock for swapping ``final`` into place: a ``flock`` on its parent directory,
+    so no lock file is left beside the outputs (the swap takes milliseconds)."""
+    import fcntl
+
+    fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _remove_orphans(final: Path) -> None:
+    """Staging directories of this output left by writers that no longer exist (killed mid-write)."""
+    prefix = f"{TMP_PREFIX}{final.name}-"
+    for entry in final.parent.glob(f"{TMP_PREFIX}*"):
+        rest = entry.name[len(prefix):]
+        if not entry.name.startswith(prefix) or not entry.is_dir() or "-" not in rest:
+            continue
+        pid = rest.split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            _remove(entry)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _remove(path: Path) -> None:
@@ -158,3 +207,49 @@ def write_json(obj: object, path: str | Path) -> None:
 
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_checksums(directory: Path) -> None:
+    """Record the sha256 of every file of a directory output in its ``SHA256SUMS``."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+    lines = [f"{_sha256(p)}  {p.relative_to(directory).as_posix()}\n" for p in files]
+    (directory / CHECKSUMS).write_text("".join(lines))
+
+
+_verified: dict[str, tuple] = {}
+"""directories verified by this process, with the stat of their files then (checked once, not per load)"""
+
+
+def verify_checksums(directory: str | Path) -> None:
+    """Refuse a directory whose files differ from its ``SHA256SUMS`` (truncated, altered, or a
+    corrupted cache object restored by ``dvc checkout``), naming the file. A directory without
+    a manifest (a model downloaded or saved elsewhere) is not checked."""
+    directory = Path(directory)
+    manifest = directory / CHECKSUMS
+    if not manifest.is_file():
+        return
+    entries = []
+    for number, line in enumerate(manifest.read_text().splitlines(), 1):
+        digest, sep, name = line.partition("  ")
+        if not sep or len(digest) != 64 or not name or ".." in Path(name).parts or Path(name).is_absolute():
+            raise ArtifactError(f"{manifest}: line {number} is not '<sha256>  <file>'")
+        entries.append((directory / name, digest))
+    try:
+        stats = tuple((st.st_ino, st.st_size, st.st_mtime_ns) for st in (os.stat(f) for f, _ in entries))
+    except FileNotFoundError as err:
+        raise ArtifactError(f"{err.filename}: missing, but listed in {manifest}") from None
+    key = str(directory.resolve())
+    if _verified.get(key) == stats:
+        return
+    for file, digest in entries:
+        if _sha256(file) != digest:
+            raise ArtifactError(f"{file}: contents differ from the sha256 recorded in {manifest} (truncated or "
+                                "altered); rerun the stage that writes it, e.g. `dvc repro --force <stage>`")
+    _verified[key] = stats

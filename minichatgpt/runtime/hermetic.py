@@ -72,10 +72,24 @@ _REEXEC = "_MINICHATGPT_HERMETIC"
 """Set on the re-executed process: a second mismatch is reported instead of looping."""
 
 
-def stage_environ(environ: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment a stage runs under, given its caller's."""
+def project_root(script: str) -> str | None:
+    """The checkout a stage script belongs to (``<root>/stages/<name>.py`` beside ``<root>/minichatgpt``)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(script)))
+    return root if os.path.isfile(os.path.join(root, "minichatgpt", "__init__.py")) else None
+
+
+def stage_environ(environ: dict[str, str] | None = None, root: str | None = None) -> dict[str, str]:
+    """The environment a stage runs under, given its caller's and the checkout of its script.
+
+    ``root`` goes first on ``PYTHONPATH``: a stage imports the package beside its script, so an
+    experiment that DVC runs in its own copy (``dvc exp run --queue`` / ``--temp``) runs that
+    copy's code, not the workspace package an editable install points at.
+    """
     environ = dict(os.environ if environ is None else environ)
     env = {k: v for k, v in environ.items() if k in PASSED or k.startswith(PASSED_PREFIXES)}
+    if root is not None:
+        rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+        env["PYTHONPATH"] = os.pathsep.join([root, *(rest[1:] if rest[:1] == [root] else rest)])
     env.update(PINNED)
     if _REEXEC in environ:
         env[_REEXEC] = environ[_REEXEC]
@@ -87,8 +101,8 @@ def enter() -> None:
 
     Must run before torch, numpy or pyarrow are imported (they read the knobs when they load).
     """
-    target = stage_environ()
-    if dict(os.environ) == target:
+    target = stage_environ(root=project_root(sys.argv[0]))
+    if dict(os.environ) == target and _imported_from(target):
         return
     if _REEXEC in os.environ:  # re-executed once already: something rewrote the environment at start-up
         changed = sorted(set(os.environ.items()) ^ set(target.items()))
@@ -101,6 +115,13 @@ def enter() -> None:
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     os.execve(sys.executable, argv, target)
+
+
+def _imported_from(env: dict[str, str]) -> bool:
+    """Whether this process imported the package its ``PYTHONPATH`` puts first (else re-exec)."""
+    first = env.get("PYTHONPATH", "").split(os.pathsep)[0]
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
+    return not first or os.path.realpath(first) == here
 
 
 def pin_this_process() -> None:

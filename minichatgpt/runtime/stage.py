@@ -51,6 +51,23 @@ def setup_torch(threads: int) -> None:
     hf_logging.disable_progress_bar()
 
 
+def die_with_parent(period_s: float = 0.5) -> None:
+    """Kill this process when its parent (``dvc``) dies: an orphaned stage would go on to write
+    its outputs after DVC gave up on them, racing a rerun with code DVC no longer runs."""
+    import signal
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(period_s)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="minichatgpt-parent-watch", daemon=True).start()
+
+
 def run(name: str, main: Callable[[], dict | None]) -> None:
     """Run ``main`` with stage logging and error handling, then exit without teardown.
 
@@ -63,6 +80,8 @@ def run(name: str, main: Callable[[], dict | None]) -> None:
     code = worker.delegate()
     if code is not None:  # the worker ran this stage to the end (outputs fsynced, or refused input)
         os._exit(code)
+    if not os.environ.get(worker.IN_CHILD):  # (the worker kills its child when the stage process dies)
+        die_with_parent()
     import logging
     import time
 

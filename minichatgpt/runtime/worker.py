@@ -10,15 +10,26 @@ code, which the stage process then exits with. Every input is still read from an
 every output written to the stage's files by that child, with the same atomic writes,
 so outputs are bit-identical to a cold run.
 
-Safety:
+Exactness: a worker serves only stage processes it would give the bytes of a cold run:
 
-- no worker, a refused connection, a worker that dies, or library/package sources
-  changed since the worker started ("stale"): the stage runs in its own process as
-  before (and starts a fresh worker in the background for the next stage);
-- the stage process killed (e.g. ``dvc repro`` interrupted): the worker kills the
-  child at once; the worker dying kills its children (``PR_SET_PDEATHSIG``);
-- the worker exits after ``MINICHATGPT_WORKER_IDLE`` seconds without work (default 300);
-- ``MINICHATGPT_WORKER=0`` turns all of this off.
+- its socket's name is a hash of everything a forked child inherits from the worker
+  instead of from the stage process: the interpreter, the package directory, the whole
+  stage environment (but :data:`KEY_IGNORED`), umask, nice, scheduler, rlimits, CPU
+  affinity, cgroup, namespaces, ids and capabilities (:func:`process_facts`); a caller that
+  differs in any of them finds no worker and runs cold (and starts its own);
+- the child re-checks the environment and those facts against the request, and the
+  sources the worker loaded (every loaded module and mapped library, and the record of
+  every distribution they come from) against their state when it started importing:
+  a change since then ("stale") makes the stage run cold and the worker quit;
+- SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1/2, SIGTSTP and SIGCONT sent to the stage
+  process are passed to the child, which also stops while the stage process is stopped
+  (SIGSTOP); the child is killed when the stage process dies, and the stage process and
+  its child die when the stage's parent (``dvc``) dies.
+
+Safety: no worker, a refused connection or directory, a listener of another uid, a
+worker that dies, or a garbled answer: the stage runs in its own process (outputs are
+atomic, a rerun is safe). The worker exits after ``MINICHATGPT_WORKER_IDLE`` seconds
+without work (default 300); ``MINICHATGPT_WORKER=0`` turns all of this off.
 """
 
 from __future__ import annotations
@@ -37,9 +48,10 @@ SWITCH = "MINICHATGPT_WORKER"
 IN_CHILD = "_MINICHATGPT_WORKER_CHILD"
 PACKAGE = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 """the minichatgpt package directory this worker client belongs to."""
-KEY_ENV = ("HF_", "TRANSFORMERS", "TORCH", "OMP_", "MKL_", "KMP_", "OPENBLAS", "CUDA", "PYTHON", "TOKENIZERS",
-           "LD_", "MINICHATGPT", "NUMEXPR", "XDG_CACHE")
-"""environment read at import time by the libraries: a worker only serves clients with the same values."""
+KEY_IGNORED = frozenset({"_MINICHATGPT_HERMETIC", "MINICHATGPT_WORKER_REPORT", "MINICHATGPT_WORKER_IDLE"})
+"""Variables left out of the worker's key: the re-exec marker of the stage environment, the
+benchmarks' report switch (a stderr line after the stage) and the worker's idle time. No
+library reads them."""
 
 
 def enabled() -> bool:
@@ -92,15 +104,65 @@ def private_dir() -> str | None:
     return path
 
 
+def key_environ(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The part of a stage environment that selects a worker: all of it but :data:`KEY_IGNORED`."""
+    environ = os.environ if environ is None else environ
+    return {k: v for k, v in environ.items() if k not in KEY_IGNORED and k != IN_CHILD}
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def process_facts() -> dict:
+    """What a caller can set on its process besides the environment, and a forked child would
+    inherit from the worker instead: a worker serves only callers with equal facts."""
+    import resource
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    status = _read("/proc/self/status") or ""
+    facts = {
+        "ids": [os.getuid(), os.geteuid(), os.getgid(), os.getegid(), sorted(os.getgroups())],
+        "umask": mask,
+        "nice": os.getpriority(os.PRIO_PROCESS, 0),
+        "rlimits": {name: resource.getrlimit(getattr(resource, name)) for name in sorted(dir(resource))
+                    if name.startswith("RLIMIT_")},
+        "affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "scheduler": os.sched_getscheduler(0) if hasattr(os, "sched_getscheduler") else None,
+        "cgroup": _read("/proc/self/cgroup"),
+        "oom_score_adj": _read("/proc/self/oom_score_adj"),
+        # capabilities, seccomp, no_new_privs and memory nodes
+        "status": [line for line in status.splitlines() if line.startswith(
+            ("Cap", "Seccomp:", "NoNewPrivs:", "Mems_allowed_list:", "Speculation"))],
+        "namespaces": {},
+    }
+    for ns in ("cgroup", "ipc", "mnt", "net", "pid", "time", "user", "uts"):
+        try:
+            facts["namespaces"][ns] = os.readlink(f"/proc/self/ns/{ns}")
+        except OSError:
+            pass
+    return facts
+
+
+def worker_key(environ: dict[str, str] | None = None, facts: dict | None = None) -> str:
+    """The name of the worker that may serve this process (see the module doc)."""
+    environ = key_environ(environ)
+    facts = process_facts() if facts is None else facts
+    key = json.dumps([sys.executable, sys.version, PACKAGE, sorted(environ.items()), facts], sort_keys=True)
+    return _sha256_hex(key.encode())[:16]  # AF_UNIX paths are short; each request re-checks anyway
+
+
 def socket_path() -> str | None:
-    """The worker socket for this interpreter, package and environment; None: no safe place for one."""
+    """The worker socket for this process; None: no safe place for one."""
     directory = private_dir()
     if directory is None:
         return None
-    env = sorted((k, v) for k, v in os.environ.items() if k.startswith(KEY_ENV) and k != IN_CHILD)
-    key = json.dumps([sys.executable, sys.version, PACKAGE, env])
-    digest = _sha256_hex(key.encode())[:16]
-    return os.path.join(directory, f"{digest}.sock")
+    return os.path.join(directory, f"{worker_key()}.sock")
 
 
 def peer_uid(conn: socket.socket) -> int | None:
@@ -113,13 +175,19 @@ def peer_uid(conn: socket.socket) -> int | None:
 
 # ------------------------------------------------------------------------------ client
 
+FORWARDED = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGCONT")
+"""Signals a stage process passes on to the worker's child that runs it (SIGTSTP: see _forward)."""
+
+
 def delegate() -> int | None:
     """Run this stage process's script in the worker; its exit code, or None to run here."""
     if not enabled():
         return None
-    path = socket_path()
-    if path is None:  # no private directory for the socket: never talk to whatever is there
+    facts = process_facts()
+    directory = private_dir()
+    if directory is None:  # no private directory for the socket: never talk to whatever is there
         return None
+    path = os.path.join(directory, f"{worker_key(facts=facts)}.sock")
     try:
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         conn.connect(str(path))
@@ -128,28 +196,65 @@ def delegate() -> int | None:
         return None
     try:
         if peer_uid(conn) != os.getuid():  # not our worker: send it nothing (no environment, no descriptors)
-            conn.close()
             return None
-        header = json.dumps({"argv": sys.argv, "cwd": os.getcwd(), "env": dict(os.environ)}).encode()
+        header = json.dumps({"argv": sys.argv, "cwd": os.getcwd(), "env": dict(os.environ), "facts": facts}).encode()
         socket.send_fds(conn, [struct.pack("!I", len(header)) + header], [0, 1, 2])
-        reply = b""
-        while b"\n" not in reply:
-            chunk = conn.recv(4096)
-            if not chunk:
-                return None  # worker gone before answering: run here (outputs are atomic, a rerun is safe)
-            reply += chunk
-        answer = json.loads(reply.split(b"\n", 1)[0])  # the child's answer; the worker may add its own
+        answer = _await_answer(conn)
     except (OSError, ValueError):  # a garbled answer: run here, as if the worker were gone
         return None
     finally:
         conn.close()
-    if answer.get("stale"):
+    if answer is None:  # worker gone before answering: run here (outputs are atomic, a rerun is safe)
+        return None
+    if answer.get("stale"):  # its sources changed since it started: it quits; the next stage starts a fresh one
         spawn(path)
+        return None
+    if answer.get("refused"):  # our settings are not the worker's after all: run here
         return None
     if os.environ.get("MINICHATGPT_WORKER_REPORT"):  # for benchmarks/: the stage's peak RSS
         print(f"[worker] {os.path.basename(sys.argv[0])} peak_rss_mb={answer.get('maxrss_kb', 0) / 1024:.1f}",
               file=sys.stderr, flush=True)
     return int(answer["code"])
+
+
+def _await_answer(conn: socket.socket) -> dict | None:
+    """Wait for the child's exit code, passing signals on to it meanwhile; None if the worker
+    hung up. If this process's parent (``dvc``) dies, kill the child and die with it."""
+    import signal
+
+    parent = os.getppid()
+    child = 0
+
+    def forward(signum: int, frame: object) -> None:  # noqa: ARG001 - signal handler signature
+        if signum == signal.SIGTSTP:  # stop the child, then ourselves as the default action would
+            os.kill(child, signal.SIGSTOP)
+            os.kill(os.getpid(), signal.SIGSTOP)
+        else:
+            os.kill(child, signum)
+
+    conn.settimeout(0.2)
+    buffer = b""
+    while True:
+        try:
+            chunk = conn.recv(4096)
+        except TimeoutError:
+            if os.getppid() != parent:
+                if child:
+                    os.kill(child, signal.SIGKILL)
+                os._exit(128 + signal.SIGKILL)
+            continue
+        if not chunk:
+            return None
+        buffer += chunk
+        while b"\n" in buffer:
+            line, buffer = buffer.split(b"\n", 1)
+            message = json.loads(line)
+            if "pid" in message and not child:  # the child runs the stage from here on
+                child = int(message["pid"])
+                for name in (*FORWARDED, "SIGTSTP"):
+                    signal.signal(getattr(signal, name), forward)
+            else:
+                return message
 
 
 _reply_to: socket.socket | None = None
@@ -202,13 +307,11 @@ def spawn(path: str) -> None:
     except OSError:
         return
 
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.path.dirname(PACKAGE) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    try:
+    try:  # the stage's own environment: the worker's name (its key) stands for it
         subprocess.Popen(
-            [sys.executable, "-m", "minichatgpt.runtime.worker_server", path, PACKAGE],
-            cwd="/", env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True, close_fds=True,
+            [sys.executable, "-m", "minichatgpt.runtime.worker_server", path, PACKAGE, repr(time.time())],
+            cwd="/", env=dict(os.environ), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True,
         )
     except OSError:
         pass

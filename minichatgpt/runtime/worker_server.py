@@ -41,23 +41,40 @@ PRELOAD = (
 
 
 def _watched() -> list[str]:
-    """The loaded module files of this package and the entry modules of the libraries."""
-    files = [mod.__file__ for name in ("torch", "transformers", "pyarrow", "numpy")
-             if (mod := sys.modules.get(name)) is not None and getattr(mod, "__file__", None)]
-    files += [file for mod in list(sys.modules.values())
-              if (file := getattr(mod, "__file__", None)) and file.startswith(PACKAGE + os.sep)]
-    return sorted(set(files))
+    """Every source this process has loaded: module files, mapped files (shared libraries), and
+    the install record of each distribution they belong to (an upgrade replaces it)."""
+    files = {file for mod in list(sys.modules.values()) if isinstance(file := getattr(mod, "__file__", None), str)}
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split(None, 5)
+                if len(fields) == 6 and fields[5].startswith("/") and not fields[5].rstrip().endswith("(deleted)"):
+                    files.add(fields[5].rstrip("\n"))
+    except OSError:
+        pass
+    try:
+        from importlib.metadata import distribution, packages_distributions
+
+        loaded = {name.partition(".")[0] for name in sys.modules}
+        names = {dist for top, dists in packages_distributions().items() if top in loaded for dist in dists}
+        for name in names:
+            path = getattr(distribution(name), "_path", None)  # its .dist-info directory
+            if path is not None:
+                files.add(os.path.join(str(path), "RECORD"))
+    except Exception:  # noqa: BLE001 - metadata is extra: module and library files are watched regardless
+        pass
+    return sorted(f for f in files if not f.startswith(("/dev/", "/proc/", "/sys/")))
 
 
-def _stat(files: list[str]) -> list[tuple[int, int]]:
-    """mtime and size of each file (a changed one makes the worker stale)."""
+def _stat(files: list[str]) -> list[tuple[int, int, int, int]]:
+    """Inode, size, mtime and ctime of each file: any change makes the worker stale."""
     out = []
     for file in files:
         try:
             st = os.stat(file)
-            out.append((st.st_mtime_ns, st.st_size))
+            out.append((st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
         except OSError:
-            out.append((-1, -1))
+            out.append((-1, -1, -1, -1))
     return out
 
 
@@ -114,7 +131,7 @@ def _become_stage(request: dict, fds: list[int], conn: socket.socket) -> None:
 
 
 def _spare(worker: int, listener: socket.socket, channel: socket.socket, watched: list[str], snapshot: list,
-           close: list) -> None:
+           settings: tuple[dict, dict], close: list) -> None:
     """A child forked ahead of time by process ``worker``: wait for the next stage process, then
     become it; never returns."""
     try:
@@ -128,17 +145,45 @@ def _spare(worker: int, listener: socket.socket, channel: socket.socket, watched
         listener.close()
         if client.peer_uid(conn) != os.getuid():  # only our own stages (the directory is ours alone anyway)
             os._exit(1)
+        stage_pid = _peer_pid(conn)
         request, fds = _recv_request(conn)
         if _stat(watched) != snapshot:  # code changed under the worker: let the client run it cold
             conn.sendall(b'{"stale": true}\n')
             os._exit(STALE)
+        if request.get("facts") != settings[0] or client.key_environ(request.get("env", {})) != settings[1]:
+            conn.sendall(b'{"refused": "settings"}\n')  # the socket's name says otherwise: never serve it
+            os._exit(1)
+        conn.sendall(json.dumps({"pid": os.getpid()}).encode() + b"\n")  # signals to the stage reach us
         # the worker keeps a copy of the connection: it answers if this process dies
         # without answering, and kills it if the stage process goes away
-        socket.send_fds(channel, [str(os.getpid()).encode()], [conn.fileno()])
+        socket.send_fds(channel, [f"{os.getpid()} {stage_pid}".encode()], [conn.fileno()])
         channel.close()
     except BaseException:  # noqa: BLE001 - a broken request: the client sees EOF and runs the stage itself
         os._exit(1)
     _become_stage(request, fds, conn)
+
+
+def _peer_pid(conn: socket.socket) -> int:
+    pid, _uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    return pid
+
+
+def _process_state(pid: int) -> str:
+    """The state letter of a process (R, S, T stopped, Z, ...); X if it is gone."""
+    stat = client._read(f"/proc/{pid}/stat")
+    return stat.rpartition(")")[2].split()[0] if stat else "X"
+
+
+def _mirror_stop(stages: dict[int, int]) -> None:
+    """Keep each child stopped exactly while its stage process is (SIGSTOP cannot be caught and
+    passed on by the stage process; checked every 50 ms while stages run)."""
+    for child, stage in stages.items():
+        stopped, child_stopped = _process_state(stage) == "T", _process_state(child) == "T"
+        if stopped != child_stopped:
+            try:
+                os.kill(child, signal.SIGSTOP if stopped else signal.SIGCONT)
+            except ProcessLookupError:
+                pass
 
 
 def _die_with_parent() -> None:
@@ -187,10 +232,15 @@ def _warm_up() -> None:
     hf_logging.enable_progress_bar()
 
 
-def serve(path: str, idle_s: float) -> None:
+def serve(path: str, idle_s: float, started: float) -> None:
+    """Import, then serve on ``path``; ``started`` is when the stage process that spawned this
+    worker decided to (a source changed after that may be half-imported: never serve then)."""
     import importlib
     import selectors
 
+    settings = (json.loads(json.dumps(client.process_facts())), client.key_environ())  # as a request has them
+    if os.path.basename(path) != f"{client.worker_key(facts=settings[0])}.sock":
+        return  # not the settings the name stands for (the spawner's differ from ours): serve nobody
     for name in PRELOAD:
         importlib.import_module(name)
     try:
@@ -199,6 +249,9 @@ def serve(path: str, idle_s: float) -> None:
         pass
     watched = _watched()
     snapshot = _stat(watched)
+    if any(ctime >= (started - 1.0) * 1e9 for _, _, _, ctime in snapshot):
+        _unlink(_spawn_lock(path))  # changed while we imported (or just before): the next stage spawns afresh
+        return
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}")
     _unlink(tmp)
@@ -212,6 +265,7 @@ def serve(path: str, idle_s: float) -> None:
     sel = selectors.DefaultSelector()
     sel.register(ours, selectors.EVENT_READ)
     children: dict[int, socket.socket] = {}  # running stages: pid -> the stage process's connection
+    stages: dict[int, int] = {}  # running stages: pid -> the stage process's pid
     spare = 0
     me = os.getpid()
     serving = True
@@ -221,13 +275,14 @@ def serve(path: str, idle_s: float) -> None:
             if serving and not spare:
                 spare = os.fork()
                 if spare == 0:
-                    _spare(me, listener, theirs, watched, snapshot, [sel, ours, *children.values()])
+                    _spare(me, listener, theirs, watched, snapshot, settings, [sel, ours, *children.values()])
             for key, _ in sel.select(timeout=0.05 if children else 1.0):
                 if key.fileobj is ours:  # the spare took a request: it is a running stage now
                     msg, fds, _, _ = socket.recv_fds(ours, 32, 1)
                     if not fds:
                         continue
-                    pid = int(msg)
+                    pid, stage = map(int, msg.split())
+                    stages[pid] = stage
                     children[pid] = conn = socket.socket(fileno=fds[0])
                     sel.register(conn, selectors.EVENT_READ, pid)
                     spare = 0 if pid == spare else spare
@@ -246,6 +301,7 @@ def serve(path: str, idle_s: float) -> None:
                 if pid == spare:  # stale, a broken request, or killed
                     spare = 0
                     serving = serving and code != STALE
+                stages.pop(pid, None)
                 conn = children.pop(pid, None)
                 if conn is not None:
                     _answer(conn, 128 - code if code < 0 else code, usage.ru_maxrss)  # harmless if answered
@@ -255,6 +311,7 @@ def serve(path: str, idle_s: float) -> None:
                         pass
                     conn.close()
                 last = time.monotonic()
+            _mirror_stop(stages)
             if serving and not children and time.monotonic() - last > idle_s:
                 serving = False
             if not serving and listener.fileno() >= 0:  # no new stages: give the name back, drop the spare
@@ -303,8 +360,8 @@ def _terminate(signum, frame) -> None:  # noqa: ARG001 - signal handler signatur
 
 
 if __name__ == "__main__":
-    sock_path, package = sys.argv[1], os.path.realpath(sys.argv[2])
+    sock_path, package, spawned = sys.argv[1], os.path.realpath(sys.argv[2]), float(sys.argv[3])
     if package != PACKAGE:  # resolved another copy of the package than the client's
         sys.exit(0)
     signal.signal(signal.SIGTERM, _terminate)  # children reset it; the worker removes its socket name
-    serve(sock_path, float(os.environ.get("MINICHATGPT_WORKER_IDLE", "300")))
+    serve(sock_path, float(os.environ.get("MINICHATGPT_WORKER_IDLE", "300")), spawned)
