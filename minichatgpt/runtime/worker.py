@@ -288,30 +288,55 @@ def _spawn_lock(path: str) -> str:
     return path + ".starting"
 
 
+def _starting(lock: str) -> bool:
+    """Whether the worker recorded in a spawn lock is still starting (alive, and not for long)."""
+    try:
+        with open(lock) as f:
+            pid = int(f.read() or 0)
+        if time.time() - os.stat(lock).st_mtime > 120:
+            return False
+    except (OSError, ValueError):
+        return False
+    if not pid:
+        return True  # its spawner has not written the pid yet
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
 def spawn(path: str) -> None:
     """Start a worker in the background (its own session, no stdio) for the next stages,
     unless one is already starting (it takes a few seconds to import before it listens)."""
     import subprocess
 
     lock = _spawn_lock(path)
-    try:
-        os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-    except FileExistsError:
+    for _ in range(2):
         try:
-            if time.time() - os.stat(lock).st_mtime < 120:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+            break
+        except FileExistsError:
+            if _starting(lock):
                 return
-            os.unlink(lock)  # a worker that never came up: try again next time
+            try:
+                os.unlink(lock)  # a worker that died or never came up: start another
+            except OSError:
+                return
         except OSError:
-            pass
+            return
+    else:
         return
-    except OSError:
-        return
-
     try:  # the stage's own environment: the worker's name (its key) stands for it
-        subprocess.Popen(
+        proc = subprocess.Popen(
             [sys.executable, "-m", "minichatgpt.runtime.worker_server", path, PACKAGE, repr(time.time())],
             cwd="/", env=dict(os.environ), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True,
         )
+        os.write(fd, str(proc.pid).encode())
     except OSError:
         pass
+    finally:
+        os.close(fd)
