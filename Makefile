@@ -55,6 +55,7 @@ plots: install
 
 bench: bytecode
 	$(BIN)/python benchmarks/bench.py
+	$(BIN)/python benchmarks/worker_checks.py
 
 bench-learning: bytecode
 	$(BIN)/python benchmarks/learning.py
