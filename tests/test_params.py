@@ -83,6 +83,11 @@ def test_ppo_out_of_range(overrides, field, bad):
     raises({"ppo": overrides}, "ppo", f"{field}={bad}")
 
 
+@pytest.mark.parametrize("name", ["data", "pretrain", "reward", "ppo", "evaluate"])
+def test_a_negative_seed_is_refused(name):
+    raises({name: {"seed": -1}}, name, f"{name}.seed=-1")  # numpy's generators refuse it only mid-stage
+
+
 def test_batch_size_message_names_mini_batch_size():
     raises({"ppo": {"batch_size": 10, "mini_batch_size": 4}}, "ppo", "ppo.batch_size=10", "mini_batch_size", "4")
 

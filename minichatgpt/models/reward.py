@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from minichatgpt.models.sources import ModelError, resolve_ref
+from minichatgpt.models.sources import ModelError, is_function_ref, resolve_ref
 from minichatgpt.pipeline.artifacts import verify_checksums
 
 log = logging.getLogger(__name__)
@@ -27,10 +27,6 @@ FUNCTION_FILE = "reward_function.json"
 """written by train_reward when the reward is a ``module:function``: a record, never imported from."""
 SOURCE_FILE = "source.json"
 """written by train_reward when the reward is a Hugging Face name or a local model directory."""
-
-
-def is_function_ref(ref: str) -> bool:
-    return ":" in ref and not Path(ref).exists() and "/" not in ref.split(":", 1)[0]
 
 
 def load_function(ref: str) -> Callable[[list[str]], Sequence[float]]:

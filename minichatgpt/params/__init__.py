@@ -47,7 +47,7 @@ class RuntimeParams:
 class DataParams:
     dataset: str = setting("packaged", "'packaged' (25k IMDB + 8.5k RT reviews), a hub dataset, or a dir/CSV",
                            "non-empty")
-    seed: int = setting(0, "seed of the train/eval split and of the sampled prompt lengths")
+    seed: int = setting(0, "seed of the train/eval split and of the sampled prompt lengths", ">= 0")
     max_reviews: int = setting(0, "use only the first N reviews (0 = all)", ">= 0")
     eval_prompts: int = setting(512, "held-out prompts for evaluate, never seen in training", ">= 2")
     input_min_text_length: int = setting(2, "shortest prompt, in policy tokens", ">= 1")
@@ -71,7 +71,7 @@ class PretrainParams:
     batch_size: int = setting(32, "chunks per optimizer step", ">= 1")
     learning_rate: float = setting(3e-3, "AdamW learning rate", "> 0")
     max_steps: int = setting(800, "optimizer steps (a count, not wall time, keeps it deterministic)", ">= 1")
-    seed: int = setting(0, "seed of the initial weights and the chunk order")
+    seed: int = setting(0, "seed of the initial weights and the chunk order", ">= 0")
 
     def validate(self) -> None:
         _check(self.n_embd % self.n_head == 0, "pretrain.n_embd", self.n_embd, "a multiple of pretrain.n_head")
@@ -92,7 +92,7 @@ class RewardParams:
     batch_size: int = setting(32, "examples per optimizer step", ">= 1")
     learning_rate: float = setting(1e-3, "AdamW learning rate", "> 0")
     max_steps: int = setting(1200, "optimizer steps", ">= 1")
-    seed: int = setting(0, "seed of the initial weights, the example order and the cuts")
+    seed: int = setting(0, "seed of the initial weights, the example order and the cuts", ">= 0")
 
     def validate(self) -> None:
         _check(self.n_embd % self.n_head == 0, "reward.n_embd", self.n_embd, "a multiple of reward.n_head")
@@ -139,7 +139,7 @@ class PPOParams:
     whiten_rewards: bool = setting(False, "whiten per-token rewards over the batch before GAE")
     early_stopping: bool = setting(False, "stop the epochs once a minibatch's KL exceeds 1.5 * target_kl")
     target_kl: float = setting(1.0, "KL bound of early_stopping", "> 0")
-    seed: int = setting(0, "seed of prompt sampling, generation and minibatch order")
+    seed: int = setting(0, "seed of prompt sampling, generation and minibatch order", ">= 0")
 
     def validate(self) -> None:
         _check(self.batch_size % self.mini_batch_size == 0, "ppo.batch_size", self.batch_size,
@@ -157,7 +157,7 @@ embedded policy, and 32-row minibatches make an epoch 8 steps instead of 256."""
 
 @dataclass
 class EvaluateParams:
-    seed: int = setting(1, "seed of the held-out generations (the same before and after)")
+    seed: int = setting(1, "seed of the held-out generations (the same before and after)", ">= 0")
     samples: int = setting(8, "before/after samples written to metrics/samples.json", ">= 0")
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from minichatgpt.models.sources import PACKAGE_PREFIX, is_function_ref
+
 REPO_SETTINGS = {
     ("pretrain", "model"): ("model", "embedded"),
     ("reward", "model"): ("model", "embedded"),
@@ -31,8 +33,7 @@ def hub_names(checked: dict[str, Any]) -> list[tuple[str, str, str]]:
     names = []
     for (section, key), (kind, builtin) in REPO_SETTINGS.items():
         value = getattr(checked[section], key)
-        head = value.split(":", 1)[0]
-        if value == builtin or value.startswith("pkg://") or Path(value).exists() or (":" in value and "/" not in head):
+        if value == builtin or value.startswith(PACKAGE_PREFIX) or Path(value).exists() or is_function_ref(value):
             continue
         if Path(value).is_absolute() or value.startswith((".", "~")) or value.count("/") > 1:
             continue  # a path that does not exist: the stage that reads it names it
