@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: notebook install install-pretrained bytecode repro test unit lint plots clean bench bench-learning
+.PHONY: compare notebook install install-pretrained bytecode repro test unit lint plots clean bench bench-learning
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,13 @@ unit: bytecode
 notebook: install
 	$(BIN)/pip install -q -e ".[notebook]"
 	$(BIN)/jupyter lab $(JUPYTER_ARGS) notebooks/ppo_walkthrough.ipynb
+
+# dvc exp show lists every dependency, param and metric (930 columns here) and has no setting to
+# choose columns: this is the comparison people read. Every column stays in `dvc exp show --csv`.
+COMPARE_KEEP := ^(Experiment|reward_after|reward_gain|reward_stderr|kl)$$
+COMPARE_DROP := ^(?![a-z]+\.[a-z_]+$$)|^iters\.
+compare: install
+	$(BIN)/dvc exp show --only-changed --keep '$(COMPARE_KEEP)' --drop '$(COMPARE_DROP)'
 
 plots: install
 	$(BIN)/python -m minichatgpt.pipeline.report .dvc/plots/offline.html

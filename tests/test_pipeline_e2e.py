@@ -6,12 +6,14 @@ import csv
 import io
 import json
 import re
+import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import TINY_PARAMS, metrics_of, out_hashes_of, sh, write_params
+from tests.conftest import ROOT, TINY_PARAMS, metrics_of, out_hashes_of, sh, tool_env, write_params
 
 pytestmark = pytest.mark.e2e
 
@@ -89,6 +91,17 @@ def test_lam_change_reruns_from_first_advantages(repo: Path, tmp_path: Path) -> 
         assert float(by_name["lam09"]["reward_after"]) == json.loads(
             (repo / "metrics/summary.json").read_text())["reward_after"]
         assert by_name["lam09"]["kl"] != by_name["main"]["kl"]  # lam changed the trained policy
+        # `make compare`: the headline metrics and the changed param, in 160 columns
+        recipe = subprocess.run(["make", "-n", "-s", "compare"], cwd=ROOT, capture_output=True, text=True, check=True)
+        compare = shlex.split(recipe.stdout.strip().splitlines()[-1])
+        table = subprocess.run(["dvc", *compare[1:], "--no-pager"], cwd=repo, env=tool_env() | {"COLUMNS": "160"},
+                               capture_output=True, text=True, check=True).stdout
+        lines = table.splitlines()
+        assert max(map(len, lines)) <= 160
+        header = lines[1].split()
+        assert header[:5] == ["Experiment", "kl", "reward_after", "reward_gain", "reward_stderr"], table
+        assert "ppo.lam" in header and all("." in column for column in header[5:]), table  # changed params only
+        assert any("[lam09]" in line and "0.9" in line.split() for line in lines), table
         # plots diff draws both experiments in every chart, offline
         sh(["dvc", "plots", "diff", "HEAD", "lam09", "-o", str(tmp_path / "diff")], repo)
         html = (tmp_path / "diff" / "index.html").read_text()
