@@ -266,3 +266,17 @@ def test_the_stage_and_its_child_die_when_dvc_dies(checkout: Path, warm: bool) -
     parent.wait()
     assert wait_until(lambda: state_of(stage) in ("X", "Z") and state_of(runner) in ("X", "Z"), 10), \
         "the stage outlived dvc"
+
+
+def test_the_child_dies_when_the_stage_process_is_killed(checkout: Path) -> None:
+    env = base_env(checkout)
+    served(checkout, env)
+    (checkout / "pid").unlink(missing_ok=True)
+    stage = subprocess.Popen([sys.executable, "stages/probe.py", "--mode", "wait", "--out", "killed.json"],
+                             cwd=checkout, env=env)
+    assert wait_until(lambda: (checkout / "pid").exists(), 60)
+    child = int((checkout / "pid").read_text())
+    assert child != stage.pid
+    stage.kill()  # SIGKILL: nothing in the stage process can pass it on
+    stage.wait()
+    assert wait_until(lambda: state_of(child) in ("X", "Z"), 10), "the child outlived its stage process"
