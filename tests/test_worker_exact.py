@@ -170,6 +170,18 @@ def test_the_key_covers_the_cgroup_and_every_other_fact() -> None:
         assert worker.worker_key({**os.environ, ignored: "x"}, facts) == worker.worker_key(dict(os.environ), facts)
 
 
+def test_the_variables_left_out_of_the_key_are_read_only_by_the_stage_runtime() -> None:
+    """What makes them safe to ignore: no stage code reads them (the re-exec marker is read by
+    hermetic.enter, the report switch after the stage ended, the idle time by the worker loop)."""
+    allowed = {"runtime/hermetic.py", "runtime/worker.py", "runtime/worker_server.py"}
+    names = set(worker.KEY_IGNORED) | {"_REEXEC"}
+    for file in sorted((ROOT / "minichatgpt").rglob("*.py")) + sorted((ROOT / "stages").glob("*.py")):
+        text = file.read_text()
+        relative = file.relative_to(ROOT / "minichatgpt").as_posix() if "minichatgpt" in file.parts else file.name
+        if any(name in text for name in names):
+            assert relative in allowed, f"{relative} reads a variable left out of the worker's key"
+
+
 def test_an_edit_to_loaded_code_is_never_served_from_the_old_import(checkout: Path) -> None:
     env = base_env(checkout) | {"MINICHATGPT_TEST_CASE": "edit"}
     assert served(checkout, env)["marker"] is None
