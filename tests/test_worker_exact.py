@@ -53,6 +53,13 @@ def main():
             with open("ticks", "w") as f:
                 f.write(str(tick))
             time.sleep(0.05)
+    if args.mode == "write":  # wait for "go", then write an output
+        from minichatgpt.pipeline.artifacts import write_json
+        with open("pid", "w") as f:
+            f.write(str(os.getpid()))
+        while not os.path.exists("go"):
+            time.sleep(0.02)
+        write_json({"written": True}, "output.json")
     return {"mode": args.mode}
 
 
@@ -292,3 +299,31 @@ def test_the_child_dies_when_the_stage_process_is_killed(checkout: Path) -> None
     stage.kill()  # SIGKILL: nothing in the stage process can pass it on
     stage.wait()
     assert wait_until(lambda: state_of(child) in ("X", "Z"), 10), "the child outlived its stage process"
+
+
+@pytest.mark.parametrize("warm", [True, False], ids=["worker", "cold"])
+def test_an_edit_while_the_stage_runs_stops_it_before_it_writes(checkout: Path, warm: bool) -> None:
+    """DVC hashes the code after a stage: outputs of the code before an edit must not be written."""
+    env = base_env(checkout) | {"MINICHATGPT_WORKER": "1" if warm else "0", "MINICHATGPT_TEST_CASE": "race"}
+    if warm:
+        served(checkout, env)
+    for name in ("pid", "go", "output.json"):
+        (checkout / name).unlink(missing_ok=True)
+    core = checkout / "minichatgpt" / "core.py"
+    original = core.read_text()
+    stage = subprocess.Popen([sys.executable, "stages/probe.py", "--mode", "write", "--out", "race.json"],
+                             cwd=checkout, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_until(lambda: (checkout / "pid").exists(), 60)
+        assert json.loads((checkout / "race.json").read_text())["served"] == warm
+        core.write_text(original + "\n# edited while the stage ran\n")
+        (checkout / "go").touch()
+        _, err = stage.communicate(timeout=60)
+        assert stage.returncode == 2, err
+        assert err.strip() == ("stage probe: minichatgpt/core.py: changed while this stage ran, so its outputs "
+                               "would not be what the code on disk computes; nothing was written, run it again")
+        assert not (checkout / "output.json").exists()
+    finally:
+        core.write_text(original)
+        stop_workers(checkout)
+        time.sleep(1.1)  # later tests' workers must not see a source younger than themselves

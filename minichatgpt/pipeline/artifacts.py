@@ -12,7 +12,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -52,6 +52,11 @@ CHECKSUMS = "SHA256SUMS"
 PER_TOKEN = ("logprobs", "values", "ref_logprobs", "kl", "rewards", "advantages", "returns")
 
 
+commit_guards: list[Callable[[], None]] = []
+"""Checks run before any output is swapped into place; one that raises leaves the previous state.
+A stage registers one that the code it runs is still the code on disk (``runtime.stage``)."""
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``final``; move it onto ``final`` only if the block succeeds.
@@ -72,6 +77,8 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
         if staged.is_dir() and not staged.is_symlink():
             write_checksums(staged)
         _fsync_tree(staged)
+        for guard in commit_guards:
+            guard()
         with output_lock(final):
             _remove_orphans(final)
             if final.is_dir() and not final.is_symlink():

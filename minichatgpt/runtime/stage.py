@@ -68,6 +68,42 @@ def die_with_parent(period_s: float = 0.5) -> None:
     threading.Thread(target=watch, name="minichatgpt-parent-watch", daemon=True).start()
 
 
+class CodeChangedError(ValueError):
+    """A source of this stage changed on disk while it ran."""
+
+
+def process_start_time() -> float:
+    """When this process started (wall clock, 10 ms resolution; a worker's child: when it was forked)."""
+    import time
+
+    with open("/proc/self/stat") as f:
+        ticks = int(f.read().rpartition(")")[2].split()[19])  # field 22: start time, in clock ticks since boot
+    since_start = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    return time.time() - since_start
+
+
+def _code_unchanged_since(started: float) -> Callable[[], None]:
+    """A check that no source this stage runs (its script, the package modules it imported) changed
+    after it started: DVC hashes the code after the stage, so outputs of the code before an edit
+    would be recorded under the edited code's hash."""
+    script = os.path.abspath(sys.argv[0])
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+    def check() -> None:
+        files = [script] + sorted({m.__file__ for m in list(sys.modules.values())
+                                   if isinstance(getattr(m, "__file__", None), str) and m.__file__.startswith(package)})
+        for file in files:
+            try:
+                changed = os.stat(file).st_ctime > started - 0.02  # the start time is exact to a clock tick
+            except FileNotFoundError:
+                changed = True
+            if changed:
+                raise CodeChangedError(f"{os.path.relpath(file)}: changed while this stage ran, so its outputs would "
+                                       "not be what the code on disk computes; nothing was written, run it again")
+
+    return check
+
+
 def run(name: str, main: Callable[[], dict | None]) -> None:
     """Run ``main`` with stage logging and error handling, then exit without teardown.
 
@@ -82,6 +118,9 @@ def run(name: str, main: Callable[[], dict | None]) -> None:
         os._exit(code)
     if not os.environ.get(worker.IN_CHILD):  # (the worker kills its child when the stage process dies)
         die_with_parent()
+    from minichatgpt.pipeline import artifacts
+
+    artifacts.commit_guards.append(_code_unchanged_since(process_start_time()))
     import logging
     import time
 

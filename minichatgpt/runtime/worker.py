@@ -176,7 +176,7 @@ def peer_uid(conn: socket.socket) -> int | None:
 # ------------------------------------------------------------------------------ client
 
 FORWARDED = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGCONT")
-"""Signals a stage process passes on to the worker's child that runs it (SIGTSTP: see _forward)."""
+"""Signals a stage process passes on to the worker's child that runs it (SIGTSTP too: see _await_answer)."""
 
 
 def delegate() -> int | None:
