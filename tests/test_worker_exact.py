@@ -53,6 +53,10 @@ def main():
             with open("ticks", "w") as f:
                 f.write(str(tick))
             time.sleep(0.05)
+    if args.mode == "lazy":  # import a module the worker has not loaded, then write an output
+        from minichatgpt.pipeline import report as lazy
+        from minichatgpt.pipeline.artifacts import write_json
+        write_json({"marker": getattr(lazy, "PROBE_MARKER", None)}, "lazy-output.json")
     if args.mode == "write":  # wait for "go", then write an output
         from minichatgpt.pipeline.artifacts import write_json
         with open("pid", "w") as f:
@@ -327,3 +331,25 @@ def test_an_edit_while_the_stage_runs_stops_it_before_it_writes(checkout: Path, 
         core.write_text(original)
         stop_workers(checkout)
         time.sleep(1.1)  # later tests' workers must not see a source younger than themselves
+
+
+def test_an_edit_made_before_the_stage_started_is_run_not_refused(checkout: Path) -> None:
+    """A module the worker never loaded, edited after its spare child was forked but before the
+    stage: the child imports the edited file, which is what a cold process would run."""
+    env = base_env(checkout) | {"MINICHATGPT_TEST_CASE": "lazy"}
+    served(checkout, env)  # the worker is up and its next spare is forked
+    module = checkout / "minichatgpt" / "pipeline" / "report.py"
+    original = module.read_text()
+    try:
+        time.sleep(0.5)
+        module.write_text(original + "\nPROBE_MARKER = 5\n")
+        time.sleep(0.1)
+        proc = subprocess.run([sys.executable, "stages/probe.py", "--mode", "lazy", "--out", "lazy.json"],
+                              cwd=checkout, env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads((checkout / "lazy.json").read_text())["served"]
+        assert json.loads((checkout / "lazy-output.json").read_text()) == {"marker": 5}
+    finally:
+        module.write_text(original)
+        stop_workers(checkout)
+        time.sleep(1.1)

@@ -73,7 +73,7 @@ class CodeChangedError(ValueError):
 
 
 def process_start_time() -> float:
-    """When this process started (wall clock, 10 ms resolution; a worker's child: when it was forked)."""
+    """When this process started (wall clock, 10 ms resolution)."""
     import time
 
     with open("/proc/self/stat") as f:
@@ -120,7 +120,7 @@ def run(name: str, main: Callable[[], dict | None]) -> None:
         die_with_parent()
     from minichatgpt.pipeline import artifacts
 
-    artifacts.commit_guards.append(_code_unchanged_since(process_start_time()))
+    artifacts.commit_guards.append(_code_unchanged_since(worker.served_at or process_start_time()))
     import logging
     import time
 

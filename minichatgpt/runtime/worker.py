@@ -259,6 +259,8 @@ def _await_answer(conn: socket.socket) -> dict | None:
 
 _reply_to: socket.socket | None = None
 """In a worker child: the connection of the stage process it runs for."""
+served_at: float | None = None
+"""In a worker child: when it took the request, after which it checked the worker's sources."""
 
 
 def finish(code: int) -> None:

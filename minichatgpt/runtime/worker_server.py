@@ -147,6 +147,7 @@ def _spare(worker: int, listener: socket.socket, channel: socket.socket, watched
             os._exit(1)
         stage_pid = _peer_pid(conn)
         request, fds = _recv_request(conn)
+        client.served_at = time.time()  # the stage's start: sources unchanged up to here (checked next)
         if _stat(watched) != snapshot:  # code changed under the worker: let the client run it cold
             conn.sendall(b'{"stale": true}\n')
             os._exit(STALE)
