@@ -123,7 +123,9 @@ def test_the_worker_kills_the_child_of_a_killed_stage_and_reports_a_child_killed
 
     stage = probe("sleep")
     deadline = time.monotonic() + 60
-    while not (tmp_path / "pid.sleep").exists() and time.monotonic() < deadline:
+    pid_file = tmp_path / "pid.sleep"
+    while not (pid_file.exists() and pid_file.read_text().strip()):  # created a moment before it is written
+        assert time.monotonic() < deadline, "the stage did not start"
         time.sleep(0.05)
     child = int((tmp_path / "pid.sleep").read_text())
     assert child != stage.pid and alive(child)

@@ -231,6 +231,14 @@ def test_the_worker_watches_every_loaded_library_file_and_distribution(checkout:
     assert any(f.endswith("minichatgpt/core.py") for f in watched)
 
 
+def pid_written(checkout: Path) -> bool:
+    """The probe has written its pid (the file exists a moment before its content does)."""
+    try:
+        return (checkout / "pid").read_text().strip().isdigit()
+    except FileNotFoundError:
+        return False
+
+
 def state_of(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
@@ -254,7 +262,7 @@ def test_signals_to_the_stage_reach_the_child_and_a_stop_stops_it(checkout: Path
         (checkout / name).unlink(missing_ok=True)
     stage = subprocess.Popen([sys.executable, "stages/probe.py", "--mode", "wait", "--out", "wait.json"],
                              cwd=checkout, env=env, stderr=subprocess.PIPE, text=True)
-    assert wait_until(lambda: (checkout / "pid").exists(), 60)
+    assert wait_until(lambda: pid_written(checkout), 60)
     child = int((checkout / "pid").read_text())
     assert child != stage.pid and json.loads((checkout / "wait.json").read_text())["served"]
     signals = checkout / "signals"
@@ -281,7 +289,7 @@ def test_the_stage_and_its_child_die_when_dvc_dies(checkout: Path, warm: bool) -
     (checkout / "pid").unlink(missing_ok=True)
     parent = subprocess.Popen(["sh", "-c", f"{sys.executable} stages/probe.py --mode wait --out dvc.json; true"],
                               cwd=checkout, env=env)  # stands for dvc: the stage's parent
-    assert wait_until(lambda: (checkout / "pid").exists(), 60)
+    assert wait_until(lambda: pid_written(checkout), 60)
     runner = int((checkout / "pid").read_text())  # the child (worker) or the stage process itself (cold)
     stage = int(Path(f"/proc/{parent.pid}/task/{parent.pid}/children").read_text().split()[0])
     assert (runner != stage) == warm
@@ -297,7 +305,7 @@ def test_the_child_dies_when_the_stage_process_is_killed(checkout: Path) -> None
     (checkout / "pid").unlink(missing_ok=True)
     stage = subprocess.Popen([sys.executable, "stages/probe.py", "--mode", "wait", "--out", "killed.json"],
                              cwd=checkout, env=env)
-    assert wait_until(lambda: (checkout / "pid").exists(), 60)
+    assert wait_until(lambda: pid_written(checkout), 60)
     child = int((checkout / "pid").read_text())
     assert child != stage.pid
     stage.kill()  # SIGKILL: nothing in the stage process can pass it on
@@ -318,7 +326,7 @@ def test_an_edit_while_the_stage_runs_stops_it_before_it_writes(checkout: Path, 
     stage = subprocess.Popen([sys.executable, "stages/probe.py", "--mode", "write", "--out", "race.json"],
                              cwd=checkout, env=env, stderr=subprocess.PIPE, text=True)
     try:
-        assert wait_until(lambda: (checkout / "pid").exists(), 60)
+        assert wait_until(lambda: pid_written(checkout), 60)
         assert json.loads((checkout / "race.json").read_text())["served"] == warm
         core.write_text(original + "\n# edited while the stage ran\n")
         (checkout / "go").touch()
