@@ -26,12 +26,13 @@ def env_for(tmp_path: Path, **extra: str) -> dict[str, str]:
                          "MINICHATGPT_WORKER_REPORT": "1", "MINICHATGPT_WORKER": "1"} | extra
 
 
-def socket_for(env: dict[str, str], root: str | None) -> Path:
-    """The socket of the worker that serves a stage process started with ``env`` from this process
-    (a script in checkout ``root``): the key is computed by a process with the same settings."""
+def socket_for(env: dict[str, str], root: str | None, preexec=None) -> Path:
+    """The socket of the worker that serves a stage process started with ``env`` (and ``preexec``)
+    from this process, for a script in checkout ``root``: computed by a process set up alike, run in
+    ``root`` so that it imports that checkout's package (``python -c`` puts its cwd first on sys.path)."""
     return Path(subprocess.run([sys.executable, "-c", "from minichatgpt.runtime.worker import socket_path; "
-                                "print(socket_path())"], env=stage_environ(env, root), capture_output=True,
-                               text=True, check=True).stdout.strip())
+                                "print(socket_path())"], env=stage_environ(env, root), cwd=root, preexec_fn=preexec,
+                               capture_output=True, text=True, check=True).stdout.strip())
 
 
 def advantages(tmp_path: Path, out: str, env: dict[str, str]) -> subprocess.CompletedProcess:

@@ -20,6 +20,7 @@ import pytest
 from minichatgpt.runtime import worker
 from minichatgpt.runtime.hermetic import stage_environ
 from tests.conftest import ROOT, tool_env
+from tests.test_worker import socket_for
 
 pytestmark = pytest.mark.slow  # stage processes and workers
 
@@ -95,14 +96,6 @@ def probe(root: Path, env: dict[str, str], out: str = "report.json", preexec=Non
     return json.loads((root / out).read_text())
 
 
-def socket_of(root: Path, env: dict[str, str], preexec=None) -> Path:
-    """The worker socket a probe started like this would use (computed by a process set up alike)."""
-    out = subprocess.run([sys.executable, "-c", "from minichatgpt.runtime.worker import socket_path; "
-                          "print(socket_path())"], env=stage_environ(env, str(root)), cwd=root, preexec_fn=preexec,
-                         capture_output=True, text=True, check=True).stdout.strip()
-    return Path(out)
-
-
 def wait_for(path: Path, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists() and time.monotonic() < deadline:
@@ -112,7 +105,7 @@ def wait_for(path: Path, timeout: float = 120) -> None:
 
 def served(root: Path, env: dict[str, str], preexec=None) -> dict:
     """A probe run by the worker for these settings (started first if needed)."""
-    sock = socket_of(root, env, preexec)
+    sock = socket_for(env, str(root), preexec)
     if not sock.exists():
         probe(root, env, "spawn.json", preexec)
         wait_for(sock)
