@@ -194,7 +194,8 @@ def per_token_rewards(
 
 
 def clip_by_value(x: torch.Tensor, low: torch.Tensor | float, high: torch.Tensor | float) -> torch.Tensor:
-    return torch.max(torch.min(x, torch.as_tensor(high, dtype=x.dtype)), torch.as_tensor(low, dtype=x.dtype))
+    high, low = (torch.as_tensor(v, dtype=x.dtype, device=x.device) for v in (high, low))
+    return torch.max(torch.min(x, high), low)
 
 
 def policy_loss(

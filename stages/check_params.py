@@ -2,7 +2,7 @@
 
 DVC deletes a stage's outputs just before running it. Every other stage comes after this one,
 so a refused value (a typo, an unknown key added with `-S +section.key=...`, a value out of range,
-a hub model or dataset that cannot be downloaded here)
+a hub model or dataset that cannot be downloaded here, a runtime.device this machine does not have)
 stops `dvc repro` / `dvc exp run` before any other output is touched. The output lists the
 settings the code declares (types, defaults, docs and checks): it changes with the code, never with valid
 values, so stages downstream are not invalidated by it.
@@ -21,6 +21,11 @@ def main() -> dict:
     from minichatgpt.pipeline.artifacts import write_json
 
     checked = validate_all(load_yaml(args.params))
+    runtime = checked["runtime"]
+    if (runtime.device, runtime.dtype) != ("cpu", "float32"):  # a GPU this machine lacks: fail before any stage
+        from minichatgpt.runtime.device import resolve
+
+        resolve(runtime.device, runtime.dtype)
     unreachable = check_reachable(checked)  # hub names without network: fail now, not after 30 s of retries
     if unreachable:
         raise ParamsError(unreachable)

@@ -46,12 +46,13 @@ def main() -> dict:
     from minichatgpt.pipeline.evaluation import evaluate
     from minichatgpt.pipeline.report import iteration_rows, reward_histogram
     from minichatgpt.ppo.steps import sample_prompts
+    from minichatgpt.runtime.device import resolve
 
     held_out = sample_prompts(prompts, "eval", None, None)
     seed = stage_seed(params.seed, "evaluate")
     reward = reward_model if is_function_ref(reward_model) else args.reward  # code only as params.yaml names it
     summary, samples, scores = evaluate(Path(args.checkpoints) / "0", final_dir, reward, held_out, gen, seed,
-                                        params.samples)
+                                        params.samples, resolve(runtime.device, runtime.dtype))
     summary["iterations"] = int(last)
     write_json(iteration_rows(stats), args.iterations)
     write_json(reward_histogram(scores["before"], scores["after"]), args.distribution)

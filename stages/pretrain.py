@@ -30,6 +30,7 @@ def main() -> dict:
     from minichatgpt.models.policy import PolicyWithValueHead, initial_state, save_policy
     from minichatgpt.models.supervised import pretrain_lm, token_stream
     from minichatgpt.models.tokenizer import train_bpe_tokenizer
+    from minichatgpt.runtime.device import resolve
 
     texts, splits = corpus["text"].to_pylist(), corpus["split"].to_pylist()
     train_texts = [t for t, s in zip(texts, splits) if s == "train"]
@@ -42,9 +43,11 @@ def main() -> dict:
         n_head=params.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
     )
-    model = GPT2LMHeadModel(config)
-    metrics = pretrain_lm(model, stream, valid, params)
+    place = resolve(runtime.device, runtime.dtype)
+    model = GPT2LMHeadModel(config).to(place.device)  # initial weights drawn on the CPU
+    metrics = pretrain_lm(model, stream, valid, params, place)
     metrics["pretrain/train_tokens"] = int(len(stream))
+    metrics |= place.metrics()
     with atomic_path(args.out) as tmp:
         save_policy(tmp, PolicyWithValueHead(model), tokenizer, state=initial_state())
         (tmp / "value_head.safetensors").unlink()  # iteration 0 has no value head yet; update seeds it

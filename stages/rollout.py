@@ -26,13 +26,16 @@ def main() -> dict:
 
     from minichatgpt.models.policy import load_policy
     from minichatgpt.ppo.steps import rollout, sample_prompts
+    from minichatgpt.runtime.device import resolve
     from minichatgpt.runtime.parallel import current_world
 
-    world = current_world()
+    place = resolve(runtime.device, runtime.dtype)
+    world = current_world(place.device)
     seed = stage_seed(ppo.seed, "rollout", args.iter)
     batch = sample_prompts(prompts, "train", ppo.batch_size, np.random.default_rng(seed))
     policy, tokenizer, _ = load_policy(args.policy, ppo.seed)
-    table = rollout(policy, tokenizer, batch, gen, seed, world=world)
+    with place.autocast():
+        table = rollout(policy.to(place.device), tokenizer, batch, gen, seed, world=world)
     if not world.is_main:  # process 0 gathered every chunk and writes the table
         return {"iter": args.iter, "rank": world.rank}
     write_table(table, args.out, "rollouts")

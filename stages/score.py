@@ -45,20 +45,23 @@ def main() -> dict:
         reference_logprobs,
         score,
     )
+    from minichatgpt.runtime.device import resolve
 
+    place = resolve(runtime.device, runtime.dtype)
     # a module:function reward runs because params.yaml names it; --reward is only ever weights
     reward = RewardModel(reward_model if is_function_ref(reward_model) else args.reward,
-                         batch_size=gen.forward_batch_size)
+                         batch_size=gen.forward_batch_size, device=place.device)
     texts = [q + r for q, r in zip(rollouts["query"].to_pylist(), rollouts["response"].to_pylist())]
-    scores = np.asarray(reward.score(texts), dtype=np.float32)
-    reference = load_causal_lm(args.reference)
+    reference = load_causal_lm(args.reference).to(place.device)
     tokenizer = load_tokenizer(source_of(Path(args.reference)))
     queries, responses = rollouts["query_ids"].to_pylist(), rollouts["response_ids"].to_pylist()
-    ref = reference_logprobs(reference, queries, responses, tokenizer.pad_token_id, gen.forward_batch_size)
     kl_rows = None
-    if ppo.kl_penalty == "full":
-        policy = load_causal_lm(args.policy)
-        kl_rows = full_kl(policy, reference, queries, responses, tokenizer.pad_token_id, gen.forward_batch_size)
+    with place.autocast():
+        scores = np.asarray(reward.score(texts), dtype=np.float32)
+        ref = reference_logprobs(reference, queries, responses, tokenizer.pad_token_id, gen.forward_batch_size)
+        if ppo.kl_penalty == "full":
+            policy = load_causal_lm(args.policy).to(place.device)
+            kl_rows = full_kl(policy, reference, queries, responses, tokenizer.pad_token_id, gen.forward_batch_size)
     processed, _ = processed_scores(rollouts, scores, state, ppo, tokenizer.eos_token_id)
     table = score(rollouts, scores, ref, current_kl_coef(state, ppo), ppo.kl_penalty, processed, kl_rows)
     write_table(table, args.out, "scored")

@@ -35,6 +35,7 @@ def main() -> dict:
     import torch
 
     from minichatgpt.models.supervised import classifier_accuracy, classifier_examples, train_classifier
+    from minichatgpt.runtime.device import resolve
 
     corpus = read_table(args.corpus, "corpus")
     texts, labels, splits = (corpus[c].to_pylist() for c in ("text", "label", "split"))
@@ -48,14 +49,16 @@ def main() -> dict:
     examples, ys = classifier_examples(
         tokenizer, [t for t, _ in train], [y for _, y in train], params.max_length, params.seed
     )
-    train_classifier(model, examples, ys, tokenizer.pad_token_id, params)
+    place = resolve(runtime.device, runtime.dtype)
+    model.to(place.device)  # initial weights drawn on the CPU
+    train_classifier(model, examples, ys, tokenizer.pad_token_id, params, place)
     v_texts, v_labels = [t for t, _ in valid], [y for _, y in valid]
     full, _ = classifier_examples(tokenizer, v_texts, v_labels, params.max_length, params.seed, prefix_share=0.0)
     short, _ = classifier_examples(tokenizer, v_texts, v_labels, 24, params.seed + 1, prefix_share=1.0)
     metrics = {
         "reward/valid_accuracy": classifier_accuracy(model, full, v_labels, tokenizer.pad_token_id),
         "reward/valid_accuracy_prefix": classifier_accuracy(model, short, v_labels, tokenizer.pad_token_id),
-    }
+    } | place.metrics()
     from minichatgpt.models.tokenizer import save_tokenizer
 
     with atomic_path(args.out) as tmp:

@@ -14,7 +14,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from minichatgpt.params import TRL_DEFAULTS, PPOParams, setting
+from minichatgpt.params import DTYPE_NAMES, TRL_DEFAULTS, PPOParams, setting
 
 
 def _trl_default(name: str) -> Any:
@@ -31,6 +31,9 @@ class PPOConfig(PPOParams):
     reward_model_name: str = setting("models/reward", "reward: a text-classification model or module:function")
     query_dataset: str = setting("imdb", "prompts: 'imdb' (the packaged reviews offline) or a hub dataset")
     forward_batch_size: int = setting(16, "rows per no-grad forward pass; float sums depend on it", ">= 1")
+    device: str = setting("auto", "where the models run: auto (a GPU if torch sees one, as TRL), cpu, cuda, cuda:N")
+    dtype: str = setting("float32", "compute dtype: float32, or bfloat16 autocast (weights and Adam stay float32)",
+                         DTYPE_NAMES)
 
     def ppo_params(self) -> PPOParams:
         """The validated PPO section shared with the DVC stages."""

@@ -139,7 +139,8 @@ def dequantized(model: nn.Module) -> nn.Module:
 
 
 def load_policy(ckpt: str | Path, seed: int, trainable: bool = False) -> tuple[PolicyWithValueHead, Any, dict]:
-    """Policy with value head, tokenizer and training state from a checkpoint dir.
+    """Policy with value head, tokenizer and training state from a checkpoint dir, on the CPU
+    (the caller moves it to its device, after adding adapters, so their initial weights do not depend on it).
 
     A checkpoint without a value head (iteration 0) gets one initialised from ``seed``.
     LoRA adapters are applied to their base model: kept separate when ``trainable``
@@ -194,7 +195,8 @@ def save_policy(
     else:
         lm.save_pretrained(out_dir, safe_serialization=True)
     save_tokenizer(tokenizer, out_dir)
-    save_file({k: v.contiguous() for k, v in policy.v_head.state_dict().items()}, out_dir / "value_head.safetensors")
+    head = {k: v.cpu().contiguous() for k, v in policy.v_head.state_dict().items()}
+    save_file(head, out_dir / "value_head.safetensors")
     if optimizer is not None:
         tensors, meta = optimizer_to_tensors(optimizer)
         save_file(tensors, out_dir / "optimizer.safetensors")
@@ -218,7 +220,7 @@ def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, to
     tensors = {}
     for idx, pstate in sd["state"].items():
         for key, value in pstate.items():
-            tensors[f"state.{idx}.{key}"] = torch.as_tensor(value).clone().contiguous()
+            tensors[f"state.{idx}.{key}"] = torch.as_tensor(value).cpu().clone().contiguous()
     return tensors, {"param_groups": sd["param_groups"]}
 
 

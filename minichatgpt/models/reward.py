@@ -46,15 +46,17 @@ def load_function(ref: str) -> Callable[[list[str]], Sequence[float]]:
 
 
 class RewardModel:
-    """Scores texts; ``score(texts)`` returns float32 positive-class logits.
+    """Scores texts; ``score(texts)`` returns float32 positive-class logits. A model runs on ``device``
+    (under the caller's autocast, if any); scores come back to the CPU.
 
     ``__call__(texts, **sent_kwargs)`` mimics ``pipeline("sentiment-analysis")``
     with ``top_k=None, function_to_apply="none"``: per text a list of
     ``{"label", "score"}`` with index 1 the positive class.
     """
 
-    def __init__(self, ref: str | Path, batch_size: int = 64):
+    def __init__(self, ref: str | Path, batch_size: int = 64, device: torch.device | str = "cpu"):
         self.batch_size = batch_size
+        self.device = torch.device(device)
         self.function = None
         ref_path = Path(ref)
         if ref_path.is_dir():
@@ -78,7 +80,7 @@ class RewardModel:
             self.tokenizer = AutoTokenizer.from_pretrained(str(ref), trust_remote_code=False)
             self.model = AutoModelForSequenceClassification.from_pretrained(
                 str(ref), trust_remote_code=False, dtype=torch.float32
-            ).eval()
+            ).to(self.device).eval()
         except (OSError, ValueError) as err:
             raise ModelError(f"reward model {ref}: cannot be loaded: {err}") from None
         if self.tokenizer.pad_token_id is None:
@@ -89,11 +91,12 @@ class RewardModel:
     def logits(self, texts: list[str]) -> np.ndarray:
         out = []
         for start in range(0, len(texts), self.batch_size):
-            enc = self.tokenizer(
-                texts[start : start + self.batch_size], padding=True, truncation=True,
-                max_length=self.max_length, return_tensors="pt",
-            )
-            out.append(self.model(**enc).logits.float())
+            with torch.device("cpu"):  # the tokenizer's tensors: made on the CPU, then moved
+                enc = self.tokenizer(
+                    texts[start : start + self.batch_size], padding=True, truncation=True,
+                    max_length=self.max_length, return_tensors="pt",
+                ).to(self.device)
+            out.append(self.model(**enc).logits.float().cpu())
         return torch.cat(out).numpy()
 
     def score(self, texts: list[str]) -> np.ndarray:

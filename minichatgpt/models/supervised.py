@@ -1,4 +1,8 @@
-"""Supervised training of the embedded default models (policy LM and reward classifier)."""
+"""Supervised training of the embedded default models (policy LM and reward classifier).
+
+Batches are drawn on the CPU with seeded generators and moved to the model's device, so the
+data order is the same on every device; forward passes run under ``placement``'s autocast.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from tqdm.auto import tqdm
 
 from minichatgpt.models.tokenizer import pad_ids, unpadded_rows
 from minichatgpt.params import PretrainParams, RewardParams
+from minichatgpt.runtime.device import CPU, Placement, device_of
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +28,8 @@ def _lr_at(step: int, max_steps: int, peak: float, warmup: int) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _train_steps(model: torch.nn.Module, max_steps: int, lr: float, desc: str, loss_at) -> None:
+def _train_steps(model: torch.nn.Module, max_steps: int, lr: float, desc: str, loss_at,
+                 placement: Placement = CPU) -> None:
     """AdamW with linear warm-up and cosine decay for a fixed number of steps."""
     # fused: ATen's kernel (pinned by ATEN_CPU_CAPABILITY); the for-each path takes sqrt from MKL VML,
     # whose result depends on the CPU even with MKL_CBWR pinned (benchmarks/portability_probe.py)
@@ -34,7 +40,8 @@ def _train_steps(model: torch.nn.Module, max_steps: int, lr: float, desc: str, l
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, max_steps, lr, warmup)
-        loss = loss_at(step)
+        with placement.autocast():
+            loss = loss_at(step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -52,8 +59,9 @@ def token_stream(tokenizer: Any, texts: list[str]) -> np.ndarray:
     return flat
 
 
-def pretrain_lm(model: torch.nn.Module, stream: np.ndarray, valid: np.ndarray, params: PretrainParams) -> dict:
-    """Train a causal LM on random ``block_size`` windows of ``stream``; return metrics."""
+def pretrain_lm(model: torch.nn.Module, stream: np.ndarray, valid: np.ndarray, params: PretrainParams,
+                placement: Placement = CPU) -> dict:
+    """Train a causal LM (on ``placement.device``) on random ``block_size`` windows of ``stream``; return metrics."""
     gen = torch.Generator().manual_seed(params.seed)
     data = torch.from_numpy(stream.astype(np.int64))
     block = params.block_size
@@ -61,13 +69,14 @@ def pretrain_lm(model: torch.nn.Module, stream: np.ndarray, valid: np.ndarray, p
     model.loss_type = "ForCausalLM"
 
     def loss_at(step: int) -> torch.Tensor:
-        starts = torch.randint(0, len(data) - block - 1, (params.batch_size,), generator=gen)
-        batch = torch.stack([data[s : s + block] for s in starts.tolist()])
+        starts = torch.randint(0, len(data) - block - 1, (params.batch_size,), generator=gen, device=gen.device)
+        batch = torch.stack([data[s : s + block] for s in starts.tolist()]).to(placement.device)
         return model(input_ids=batch, labels=batch).loss
 
     with unpadded_rows():  # windows of the stream: EOS separates texts, nothing is padding
-        _train_steps(model, params.max_steps, params.learning_rate, "pretrain", loss_at)
-        valid_loss = lm_loss(model, valid, block)
+        _train_steps(model, params.max_steps, params.learning_rate, "pretrain", loss_at, placement)
+        with placement.autocast():
+            valid_loss = lm_loss(model, valid, block)
     return {"pretrain/valid_loss": valid_loss, "pretrain/valid_perplexity": math.exp(valid_loss),
             "pretrain/steps": params.max_steps}
 
@@ -77,7 +86,7 @@ def lm_loss(model: torch.nn.Module, stream: np.ndarray, block: int, max_blocks: 
     n = min(max_blocks, (len(stream) - 1) // block)
     if n < 1:
         raise ValueError(f"validation text has {len(stream)} tokens; need more than block_size={block}")
-    data = torch.from_numpy(stream[: n * block].astype(np.int64)).view(n, block)
+    data = torch.from_numpy(stream[: n * block].astype(np.int64)).view(n, block).to(device_of(model))
     losses = [model(input_ids=chunk, labels=chunk).loss.item() for chunk in data.split(32)]
     return float(np.mean(losses))
 
@@ -100,25 +109,27 @@ def classifier_examples(
 
 
 def train_classifier(
-    model: torch.nn.Module, examples: list[list[int]], labels: list[int], pad_id: int, params: RewardParams
+    model: torch.nn.Module, examples: list[list[int]], labels: list[int], pad_id: int, params: RewardParams,
+    placement: Placement = CPU,
 ) -> None:
     gen = torch.Generator().manual_seed(params.seed)
     torch.manual_seed(params.seed)  # dropout
-    y = torch.tensor(labels, dtype=torch.long)
+    y = torch.tensor(labels, dtype=torch.long, device=gen.device)
 
     def loss_at(step: int) -> torch.Tensor:
-        idx = torch.randint(0, len(examples), (params.batch_size,), generator=gen).tolist()
-        ids, mask = pad_ids([examples[i] for i in idx], pad_id)
-        return model(input_ids=ids, attention_mask=mask, labels=y[idx]).loss
+        idx = torch.randint(0, len(examples), (params.batch_size,), generator=gen, device=gen.device).tolist()
+        ids, mask = (x.to(placement.device) for x in pad_ids([examples[i] for i in idx], pad_id))
+        return model(input_ids=ids, attention_mask=mask, labels=y[idx].to(placement.device)).loss
 
-    _train_steps(model, params.max_steps, params.learning_rate, "train_reward", loss_at)
+    _train_steps(model, params.max_steps, params.learning_rate, "train_reward", loss_at, placement)
 
 
 @torch.no_grad()
 def classifier_accuracy(model: torch.nn.Module, examples: list[list[int]], labels: list[int], pad_id: int) -> float:
     correct = 0
+    device = device_of(model)
     for start in range(0, len(examples), 128):
-        ids, mask = pad_ids(examples[start : start + 128], pad_id)
-        pred = model(input_ids=ids, attention_mask=mask).logits.argmax(-1)
-        correct += int((pred == torch.tensor(labels[start : start + 128])).sum())
+        ids, mask = (x.to(device) for x in pad_ids(examples[start : start + 128], pad_id))
+        pred = model(input_ids=ids, attention_mask=mask).logits.argmax(-1).cpu()
+        correct += int((pred == torch.tensor(labels[start : start + 128], device=pred.device)).sum())
     return correct / max(1, len(examples))

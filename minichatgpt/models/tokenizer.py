@@ -73,13 +73,15 @@ def pad_rows(rows: list[list], fill: float | int, dtype: torch.dtype, left: bool
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(padded, mask)`` of shape ``[len(rows), longest row]``: each row's values at the
     start (or, ``left``, at the end) of its line, ``fill`` elsewhere; ``mask`` is True on
-    the row's own positions. One copy of all values, no Python loop per row."""
-    lengths = torch.tensor([len(row) for row in rows], dtype=torch.long)
+    the row's own positions. One copy of all values, no Python loop per row. On the CPU, where
+    batches are laid out; models get them on their device."""
+    cpu = torch.device("cpu")
+    lengths = torch.tensor([len(row) for row in rows], dtype=torch.long, device=cpu)
     width = int(lengths.max())
-    positions = torch.arange(width)[None, :]
+    positions = torch.arange(width, device=cpu)[None, :]
     mask = positions >= width - lengths[:, None] if left else positions < lengths[:, None]
-    padded = torch.full((len(rows), width), fill, dtype=dtype)
-    padded[mask] = torch.tensor([x for row in rows for x in row], dtype=dtype)  # row-major order of mask
+    padded = torch.full((len(rows), width), fill, dtype=dtype, device=cpu)
+    padded[mask] = torch.tensor([x for row in rows for x in row], dtype=dtype, device=cpu)  # row-major order of mask
     return padded, mask
 
 

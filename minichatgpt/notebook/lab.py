@@ -128,7 +128,7 @@ class Lab:
         return load_reviews()
 
     def init_policies_tokenizer(self) -> tuple[Any, Any, Any]:
-        """``(policy with value head, frozen reference policy, tokenizer)``."""
+        """``(policy with value head, frozen reference policy, tokenizer)``, on ``config.device``."""
         from minichatgpt.models.policy import PolicyWithValueHead, load_causal_lm
 
         ref = self._resolve(self.config.model_name)
@@ -137,7 +137,8 @@ class Lab:
             reference = load_causal_lm(ref)
         for p in reference.parameters():
             p.requires_grad_(False)
-        return policy, reference, self.tokenizer()
+        device = self.placement().device  # built on the CPU (the value head's seeded draw), then moved
+        return policy.to(device), reference.to(device), self.tokenizer()
 
     def set_generation_config(
         self, do_sample: bool = True, output_min_length: int = 4, output_max_length: int = 16,
@@ -158,4 +159,10 @@ class Lab:
 
         ref = self.config.reward_model_name
         with _quiet_loading():
-            return RewardModel(ref if is_function_ref(ref) else self._resolve(ref))
+            return RewardModel(ref if is_function_ref(ref) else self._resolve(ref), device=self.placement().device)
+
+    def placement(self) -> Any:
+        """Where the models run: ``config.device`` and ``config.dtype`` (as the trainer's)."""
+        from minichatgpt.runtime.device import resolve
+
+        return resolve(getattr(self.config, "device", "auto"), getattr(self.config, "dtype", "float32"))

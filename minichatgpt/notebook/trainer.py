@@ -3,7 +3,9 @@
 ``step`` runs exactly the pipeline's score -> advantages -> update path
 (:mod:`minichatgpt.ppo.steps`, :mod:`minichatgpt.ppo.update`), so one PPO step in a
 notebook and one iteration of ``dvc repro`` give the same weights for the same
-batch, seed and params.
+batch, seed and params. Models run where ``config.device`` says (``auto``: a GPU if there is
+one, as TRL's ``Accelerator`` does) with ``config.dtype`` autocast around forward passes; per-token
+tensors that methods return live on that device.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from minichatgpt.models.policy import PolicyWithValueHead
 from minichatgpt.ppo import steps
 from minichatgpt.ppo.generation import forward_responses, generate, pack
 from minichatgpt.ppo.update import adam, ppo_loss, ppo_update
+from minichatgpt.runtime.device import resolve
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +47,18 @@ class PPOTrainer:
 
         self.config = config
         self.params = config.ppo_params()
-        self.model, self.ref_model, self.tokenizer = model, ref_model.eval(), tokenizer
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        self.placement = resolve(getattr(config, "device", "auto"), getattr(config, "dtype", "float32"))
+        # the device of this process (LOCAL_RANK's GPU under accelerate launch); autocast is the placement's,
+        # shared with the stages, so the Accelerator keeps its default precision
+        self.accelerator = Accelerator(cpu=self.placement.device.type == "cpu")
+        device = self.placement.device
+        self.model, self.ref_model, self.tokenizer = model.to(device), ref_model.to(device).eval(), tokenizer
         self.optimizer = optimizer or adam(list(model.parameters()), self.params.learning_rate)
         self.kl_ctl = kl_controller(self.params.adap_kl_ctrl, self.params.init_kl_coef, self.params.target,
                                     self.params.horizon)
         self.current_step = 0
         self.score_moments = RunningMoments()
-        self.generator = torch.Generator().manual_seed(self.params.seed)
+        self.generator = self.placement.generator(self.params.seed)
         self.dataset = dataset
         # logprobs and values recorded while generating, keyed by (query, response), valid while
         # the weights are unchanged: step() then needs no second policy forward pass (as rollout@i)
@@ -83,16 +90,18 @@ class PPOTrainer:
         queries = [_ids(query_tensor)] if single else [_ids(q) for q in query_tensor]
         lengths = [length_sampler() if length_sampler else generation_kwargs.get("max_new_tokens", 16)
                    for _ in queries]
-        out = generate(
-            self.model, queries, lengths, self.tokenizer.eos_token_id, self.pad_id, self.generator,
-            top_k=int(generation_kwargs.get("top_k", 0) or 0), top_p=float(generation_kwargs.get("top_p", 1.0)),
-        )
+        with self.placement.autocast():
+            out = generate(
+                self.model, queries, lengths, self.tokenizer.eos_token_id, self.pad_id, self.generator,
+                top_k=int(generation_kwargs.get("top_k", 0) or 0), top_p=float(generation_kwargs.get("top_p", 1.0)),
+            )
         version = self._weights_version()
         if version != self._generated_at:
             self._generated, self._generated_at = {}, version
         for q, r, lp, v in zip(queries, out.response_ids, out.logprobs, out.values):
             self._generated[(tuple(q), tuple(r))] = (lp, v)
-        rows = [torch.tensor((q if return_prompt else []) + r) for q, r in zip(queries, out.response_ids)]
+        rows = [torch.tensor((q if return_prompt else []) + r, device=self.placement.device)
+                for q, r in zip(queries, out.response_ids)]
         return rows[0].unsqueeze(0) if single else rows
 
     def _weights_version(self) -> tuple[int, ...]:
@@ -127,8 +136,9 @@ class PPOTrainer:
         step = self.config.forward_batch_size
         for start in range(0, len(q), step):
             batch = pack(q[start : start + step], r[start : start + step], self.pad_id)
-            pol = forward_responses(self.model, batch)
-            ref = forward_responses(self.ref_model, batch, with_values=False)
+            with self.placement.autocast():
+                pol = forward_responses(self.model, batch)
+                ref = forward_responses(self.ref_model, batch, with_values=False)
             for i, n in enumerate(batch["response_mask"].sum(-1).long().tolist()):
                 logprobs.append(pol["logprobs"][i, :n])
                 values.append(pol["values"][i, :n])
@@ -144,7 +154,8 @@ class PPOTrainer:
         rewards, non_score = [], []
         for score, lp, ref in zip(scores, logprobs, ref_logprobs):
             kl = kl_penalty(lp, ref, self.params.kl_penalty)
-            r, ns = per_token_rewards(score.reshape(1), kl.unsqueeze(0), self.kl_ctl.value, torch.ones_like(kl)[None])
+            r, ns = per_token_rewards(score.reshape(1).to(kl.device), kl.unsqueeze(0), self.kl_ctl.value,
+                                      torch.ones_like(kl)[None])
             rewards.append(r[0])
             non_score.append(ns[0])
         return rewards, non_score
@@ -158,15 +169,17 @@ class PPOTrainer:
         Tensors are ``(R,)`` for one sample or ``(B, R)`` for equal-length responses;
         ``model_input`` is ``query + response``. Returns ``(pg_loss, vf_coef * vf_loss, stats)``.
         """
-        old_logprobs, values, rewards = (x.reshape(-1, x.shape[-1]) for x in (old_logprobs, values, rewards))
+        device = self.placement.device
+        old_logprobs, values, rewards = (x.reshape(-1, x.shape[-1]).to(device) for x in (old_logprobs, values, rewards))
         query, response, model_input = (x.reshape(-1, x.shape[-1]) for x in (query, response, model_input))
         advantages, returns = gae(rewards, values, self.params.gamma, self.params.lam)
         advantages = whiten(advantages).detach()
         batch = pack(query.tolist(), response.tolist(), self.pad_id)
-        if not torch.equal(batch["input_ids"], model_input):
+        if not torch.equal(batch["input_ids"], model_input.cpu()):
             raise ValueError("model_input must be query and response concatenated")
-        out = forward_responses(self.model, batch, with_entropy=True)
-        return ppo_loss(old_logprobs, values, None, out["values"], out["logprobs"], batch["response_mask"],
+        with self.placement.autocast():
+            out = forward_responses(self.model, batch, with_entropy=True)
+        return ppo_loss(old_logprobs, values, None, out["values"], out["logprobs"], out["mask"],
                         advantages, returns.detach(), self.params, entropy=out["entropy"])
 
     def rollout_table(
@@ -182,7 +195,8 @@ class PPOTrainer:
         if self._generated_at == self._weights_version() and all(x is not None for x in recorded):
             logprobs = [x[0] for x in recorded]
             values = [x[1] for x in recorded]
-            ref = steps.reference_logprobs(self.ref_model, q, r, self.pad_id, self.config.forward_batch_size)
+            with self.placement.autocast():
+                ref = steps.reference_logprobs(self.ref_model, q, r, self.pad_id, self.config.forward_batch_size)
             return self._table(q, r, logprobs, values), ref
         logprobs, ref_logprobs, values = self.batched_forward_pass(queries, responses)
         return (self._table(q, r, [x.tolist() for x in logprobs], [x.tolist() for x in values]),
@@ -211,13 +225,15 @@ class PPOTrainer:
         processed, moments = steps.processed_scores(table, raw, state, self.params, self.tokenizer.eos_token_id)
         kl_rows = None
         if self.params.kl_penalty == "full":
-            kl_rows = steps.full_kl(self.model, self.ref_model, table["query_ids"].to_pylist(),
+            with self.placement.autocast():
+                kl_rows = steps.full_kl(self.model, self.ref_model, table["query_ids"].to_pylist(),
                                         table["response_ids"].to_pylist(), self.pad_id, self.config.forward_batch_size)
         scored = steps.score(table, raw, ref, self.kl_ctl.value, self.params.kl_penalty, processed, kl_rows)
         advantaged = steps.advantages(scored, self.params.gamma, self.params.lam, self.params.whiten_rewards)
         generator = torch.Generator().manual_seed(stage_seed(self.params.seed, "update", self.current_step + 1))
-        stats = ppo_update(self.model, self.optimizer, steps.batch_from_table(advantaged), self.params,
-                           generator, self.pad_id, progress=False)
+        with self.placement.autocast():
+            stats = ppo_update(self.model, self.optimizer, steps.batch_from_table(advantaged), self.params,
+                               generator, self.pad_id, progress=False)
         env = steps.batch_stats(advantaged)
         self.kl_ctl.value = steps.next_kl_coef(self.kl_ctl.value, env["objective/kl"], len(queries), self.params)
         self.score_moments = moments

@@ -33,14 +33,25 @@ def setting(default: Any, doc: str, check: str | tuple | None = None) -> Any:
     return dataclasses.field(default=default, metadata={"doc": doc, "check": check})
 
 
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+"""``runtime.device`` values: ``auto`` (CUDA when torch sees a GPU, else CPU), ``cpu``, ``cuda``, ``cuda:N``."""
+DTYPE_NAMES = ("float32", "bfloat16")
+"""``runtime.dtype`` values: the compute dtype of forward passes (weights and Adam state stay float32)."""
+
+
 @dataclass
 class RuntimeParams:
     threads: int = setting(2, "torch threads; outputs are bit-identical only for the same count", ">= 1")
     launcher: str = setting("python", "runs rollout and update: 'python' or 'accelerate launch [options]'")
+    device: str = setting("cpu", "cpu, cuda, cuda:N or auto (GPU if any: outputs then depend on the machine)")
+    dtype: str = setting("float32", "compute dtype: float32, or bfloat16 autocast (weights and Adam stay float32)",
+                         DTYPE_NAMES)
 
     def validate(self) -> None:
         _check(self.launcher == "python" or self.launcher.startswith("accelerate launch"), "runtime.launcher",
                self.launcher, "'python' or 'accelerate launch [options]'")
+        _check(bool(DEVICE_PATTERN.fullmatch(self.device)), "runtime.device", self.device,
+               "auto, cpu, cuda or cuda:N")
 
 
 @dataclass

@@ -18,6 +18,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from minichatgpt.runtime.host import pid_alive
+
 INT_LIST = pa.list_(pa.int32())
 FLOAT_LIST = pa.list_(pa.float32())
 
@@ -45,7 +47,7 @@ SCHEMAS["advantages"] = pa.schema(list(SCHEMAS["scored"]) + [
     pa.field("advantages", FLOAT_LIST), pa.field("returns", FLOAT_LIST),
 ])
 TMP_PREFIX = ".tmp-"
-"""Hidden names of staging directories and output locks (ignored by git; never a finished-looking output)."""
+"""Hidden names of staging directories (ignored by git and DVC; never a finished-looking output)."""
 CHECKSUMS = "SHA256SUMS"
 """Manifest of a directory output, in ``sha256sum`` format (``sha256sum -c SHA256SUMS`` checks it too)."""
 # per-token columns that must have one entry per response token
@@ -111,18 +113,8 @@ def _remove_orphans(final: Path) -> None:
         if not entry.name.startswith(prefix) or not entry.is_dir() or "-" not in rest:
             continue
         pid = rest.split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             _remove(entry)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _remove(path: Path) -> None:

@@ -18,6 +18,7 @@ import torch
 from minichatgpt.core import logprobs_and_entropy, logprobs_from_logits
 from minichatgpt.models.policy import PolicyWithValueHead
 from minichatgpt.models.tokenizer import pad_ids, pad_rows, unpadded_rows
+from minichatgpt.runtime.device import device_of, to_device
 
 
 @dataclass
@@ -57,7 +58,7 @@ def sample_tokens(probs: torch.Tensor, generator: torch.Generator) -> torch.Tens
     token of probability 0 is never drawn (``u`` is scaled by the CDF's last entry).
     """
     cdf = probs.cumsum(-1)
-    u = torch.rand((probs.shape[0], 1), generator=generator, dtype=cdf.dtype) * cdf[:, -1:]
+    u = torch.rand((probs.shape[0], 1), generator=generator, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1)[:, 0]
 
 
@@ -75,22 +76,23 @@ def generate(
     """Sample ``lengths[i]`` tokens after each query (stopping early at EOS, kept).
 
     Log-probabilities are those of the unfiltered policy distribution, which is
-    what the PPO ratio compares against.
+    what the PPO ratio compares against. Runs on the policy's device; ``generator`` must be there too.
     """
     if len(queries) != len(lengths):
         raise ValueError(f"{len(queries)} queries but {len(lengths)} lengths")
-    ids, mask = pad_ids(queries, pad_id, left=True)
+    device = device_of(policy)
+    ids, mask = (x.to(device) for x in pad_ids(queries, pad_id, left=True))
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     steps = max(lengths)
     keep = 1 if _accepts_logits_to_keep(type(policy.pretrained_model)) else 0
     logits, values, cache = policy(ids, attention_mask=mask, position_ids=positions, use_cache=True,
                                    logits_to_keep=keep)
     n = len(queries)
-    tok = torch.full((n, steps), pad_id, dtype=torch.long)
-    lp = torch.zeros((n, steps))
-    vl = torch.zeros((n, steps))
-    active = torch.arange(n)  # rows still generating; finished rows leave the batch (and the KV cache)
-    todo = torch.tensor(lengths)
+    tok = torch.full((n, steps), pad_id, dtype=torch.long, device=device)
+    lp = torch.zeros((n, steps), device=device)
+    vl = torch.zeros((n, steps), device=device)
+    active = torch.arange(n, device=device)  # rows still generating; finished rows leave the batch (and the KV cache)
+    todo = torch.tensor(lengths, device=device)
     can_shrink = hasattr(cache, "batch_select_indices")
     for step in range(steps):
         last = logits[:, -1, :].float()
@@ -101,7 +103,7 @@ def generate(
             token = sample_tokens(probs, generator)
         tok[active, step] = token
         lp[active, step] = probs.gather(-1, token[:, None])[:, 0].log()
-        vl[active, step] = values[:, -1]
+        vl[active, step] = values[:, -1].float()
         going = (todo[active] > step + 1) & (token != eos_id)
         if not bool(going.any()):
             break
@@ -125,14 +127,18 @@ def generate(
     return out
 
 
+CPU = torch.device("cpu")
+"""where batch layouts (padding, packing, gather indices) are worked out; models get them on their device"""
+
+
 def pack(queries: list[list[int]], responses: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded ``query+response`` batch plus the gather index of each response token."""
+    """Right-padded ``query+response`` batch plus the gather index of each response token (on the CPU)."""
     ids, real = pad_rows([q + r for q, r in zip(queries, responses)], pad_id, torch.long)
     width = ids.shape[1]
     resp_width = max(len(r) for r in responses)
-    qlen = torch.tensor([len(q) for q in queries])
-    rlen = torch.tensor([len(r) for r in responses])
-    offsets = torch.arange(resp_width)
+    qlen = torch.tensor([len(q) for q in queries], device=CPU)
+    rlen = torch.tensor([len(r) for r in responses], device=CPU)
+    offsets = torch.arange(resp_width, device=CPU)
     # logits at position p predict token p+1: response token k sits at qlen+k
     index = (qlen[:, None] - 1 + offsets[None, :]).clamp(max=width - 2)
     response_mask = (offsets[None, :] < rlen[:, None]).float()
@@ -176,13 +182,13 @@ def packed(batch: dict[str, torch.Tensor], pad_id: int = 0) -> dict[str, torch.T
         for i in members:
             start[i] = offset
             offset += lengths[i]
-    slots = torch.arange(width)[None, :] < torch.tensor(totals)[:, None]  # row-major == placement order
+    slots = torch.arange(width, device=CPU)[None, :] < torch.tensor(totals, device=CPU)[:, None]  # row-major order
     placed = real[order]
-    ids = torch.full((len(groups), width), pad_id, dtype=torch.long)
+    ids = torch.full((len(groups), width), pad_id, dtype=torch.long, device=CPU)
     ids[slots] = batch["input_ids"][order][placed]
-    positions = torch.zeros((len(groups), width), dtype=torch.long)
-    positions[slots] = torch.arange(real.shape[1]).expand(len(order), -1)[placed]
-    return {"input_ids": ids, "position_ids": positions, "start": torch.tensor(start)}
+    positions = torch.zeros((len(groups), width), dtype=torch.long, device=CPU)
+    positions[slots] = torch.arange(real.shape[1], device=CPU).expand(len(order), -1)[placed]
+    return {"input_ids": ids, "position_ids": positions, "start": torch.tensor(start, device=CPU)}
 
 
 def _packing_ok(model: torch.nn.Module) -> bool:
@@ -199,9 +205,12 @@ def _packing_ok(model: torch.nn.Module) -> bool:
         tight = packed(batch)
         training = lm.training
         lm.eval()  # no dropout: the two layouts must give the same numbers
-        with torch.no_grad(), unpadded_rows():
-            padded = lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            flat = lm(input_ids=tight["input_ids"], position_ids=tight["position_ids"], use_cache=False).logits
+        device = device_of(lm)
+        on = to_device(batch, device) | {"packed": to_device(tight, device)}
+        with torch.no_grad(), unpadded_rows(), torch.autocast(device.type, enabled=False):  # compared in float32
+            padded = lm(input_ids=on["input_ids"], attention_mask=on["attention_mask"]).logits.cpu()
+            flat = lm(input_ids=on["packed"]["input_ids"], position_ids=on["packed"]["position_ids"],
+                      use_cache=False).logits.cpu()
         lm.train(training)
         real = batch["attention_mask"].bool()
         flat = flat.reshape(-1, flat.shape[-1])
@@ -223,23 +232,27 @@ def _run(model: torch.nn.Module, ids: torch.Tensor, **kwargs) -> tuple[torch.Ten
 def _packed_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], real: torch.Tensor) -> tuple:
     """Response logits in flat-position order, their targets, ``(B, R)`` values, and the
     permutation that takes flat-position order back to row-major order of ``real``."""
-    tight = packed(batch)
+    tight = packed(batch)  # the layout is worked out on the CPU; the model's inputs go to its device
     ids = tight["input_ids"]
     where = torch.where(real, tight["start"][:, None] + batch["index"], 0)  # flat position of each logit
     flat_pos, order = where[real].sort()
-    keep = torch.zeros(ids.numel(), dtype=torch.bool)
+    keep = torch.zeros(ids.numel(), dtype=torch.bool, device=CPU)
     keep[flat_pos] = True
+    device = device_of(model)
     with unpadded_rows():
-        logits, values = _run(model, ids, position_ids=tight["position_ids"], logits_to_keep=keep.view_as(ids))
-    targets = ids.reshape(-1)[flat_pos + 1]
-    return logits, targets, None if values is None else values.reshape(-1)[where], order.argsort()
+        logits, values = _run(model, ids.to(device), position_ids=tight["position_ids"].to(device),
+                              logits_to_keep=keep.view_as(ids).to(device))
+    targets = ids.reshape(-1)[flat_pos + 1].to(device)
+    values = None if values is None else values.reshape(-1)[where.to(device)]
+    return logits, targets, values, order.argsort().to(device)
 
 
 def _padded_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], real: torch.Tensor) -> tuple:
-    ids, index = batch["input_ids"], batch["index"]
-    kwargs: dict = {"attention_mask": batch["attention_mask"]}
+    device = device_of(model)
+    ids, index, real = batch["input_ids"].to(device), batch["index"].to(device), real.to(device)
+    kwargs: dict = {"attention_mask": batch["attention_mask"].to(device)}
     if _accepts_logits_to_keep(type(_lm_of(model))):
-        rows = torch.arange(ids.shape[0])[:, None].expand_as(index)
+        rows = torch.arange(ids.shape[0], device=device)[:, None].expand_as(index)
         keep = torch.zeros_like(ids, dtype=torch.bool)
         keep[rows[real], index[real]] = True  # row-major order of `keep` == row-major order of `real`
         kwargs["logits_to_keep"] = keep
@@ -261,9 +274,12 @@ def forward_responses(
     models that support it run on :func:`packed` rows. ``with_logits`` adds the response
     logits ``(B, R, V)`` and the entropy.
     """
-    real = batch["response_mask"].bool()
+    real = batch["response_mask"].bool()  # layouts are computed on the CPU, results are on the model's device
     forward = _packed_forward if _packing_ok(model) else _padded_forward
     flat, targets, values, back = forward(model, batch, real)
+    flat = flat.float()  # bfloat16 autocast: log-softmax, entropy and losses in float32
+    values = None if values is None else values.float()
+    real = real.to(flat.device)
     if with_entropy or with_logits or torch.is_grad_enabled():
         logp, entropy = logprobs_and_entropy(flat, targets)
     else:  # scoring passes: one fused log-softmax (under half the time of logsumexp here), no entropy
@@ -271,7 +287,7 @@ def forward_responses(
     if back is not None:  # per-token results back to row-major order
         logp = logp[back]
         flat = flat[back] if with_logits else flat
-    out = {"logprobs": _unflatten(logp, real), "mask": batch["response_mask"]}
+    out = {"logprobs": _unflatten(logp, real), "mask": batch["response_mask"].to(flat.device)}
     if with_values and values is not None:
         out["values"] = values
     if with_logits or with_entropy:

@@ -65,12 +65,13 @@ def rollout(
     """Generate one response per prompt and record per-token logprobs and values.
 
     Each chunk of ``gen.forward_batch_size`` prompts samples with its own seeded
-    generator, so under ``accelerate launch`` the processes share the chunks and
+    generator (on the policy's device), so under ``accelerate launch`` the processes share the chunks and
     process 0 returns the same table a single process would (the others get None).
     """
     from tqdm.auto import tqdm
 
     from minichatgpt.ppo.generation import generate
+    from minichatgpt.runtime.device import device_of
     from minichatgpt.runtime.parallel import chunk_seed
 
     rng = np.random.default_rng(seed)
@@ -88,7 +89,7 @@ def rollout(
     mine = {}
     for chunk in tqdm(range(world.rank, len(starts), world.size), desc="generate", disable=not progress):
         start, end = starts[chunk], starts[chunk] + gen.forward_batch_size
-        generator = torch.Generator().manual_seed(chunk_seed(seed, chunk))
+        generator = torch.Generator(device=device_of(policy)).manual_seed(chunk_seed(seed, chunk))
         out = generate(policy, queries[start:end], lengths[start:end], tokenizer.eos_token_id, pad, generator,
                        gen.top_k, gen.top_p)
         mine[chunk] = (out.response_ids, out.logprobs, out.values)

@@ -16,6 +16,7 @@ from minichatgpt.core import NonFiniteError, masked_mean, masked_var, policy_los
 from minichatgpt.models.policy import PolicyWithValueHead
 from minichatgpt.params import PPOParams
 from minichatgpt.ppo.generation import forward_responses, pack
+from minichatgpt.runtime.device import device_of
 from minichatgpt.runtime.parallel import SINGLE, World
 
 log = logging.getLogger(__name__)
@@ -38,11 +39,15 @@ class PPOBatch:
 
     def select(self, idx: list[int]) -> PPOBatch:
         width = int(self.mask[idx].sum(-1).max())
-        t = torch.tensor(idx)
+        t = torch.tensor(idx, device=self.mask.device)
         return PPOBatch(
             [self.queries[i] for i in idx], [self.responses[i] for i in idx],
             *(x[t, :width] for x in (self.logprobs, self.values, self.advantages, self.returns, self.mask)),
         )
+
+    def to(self, device: torch.device) -> PPOBatch:
+        tensors = (self.logprobs, self.values, self.advantages, self.returns, self.mask)
+        return PPOBatch(self.queries, self.responses, *(x.to(device) for x in tensors))
 
 
 def adam(params: list[torch.nn.Parameter], lr: float) -> torch.optim.Adam:
@@ -103,8 +108,11 @@ def train_minibatch(
     the accumulated gradient equals that of the whole minibatch's token mean. Under
     ``accelerate launch`` the parts are shared among the processes and their gradients
     summed (:mod:`minichatgpt.runtime.parallel`). Returns the per-part stats and whether the
-    step was skipped (ratio spike).
+    step was skipped (ratio spike). Under the caller's autocast only the forward passes run in
+    its dtype; gradients flow back in the parameters' float32.
     """
+    device = device_of(policy)
+    mb = mb.to(device)
     optimizer.zero_grad(set_to_none=True)
     total_tokens = mb.mask.sum()
     parts = _micro_batches(mb, params.gradient_accumulation_steps * world.size)
@@ -125,7 +133,8 @@ def train_minibatch(
             log.warning("skipping minibatch: mean ratio %.2f > ppo.ratio_threshold %.2f", ratio, params.ratio_threshold)
             spike = True
             break
-        (loss * (part.mask.sum() / total_tokens)).backward()
+        with torch.autocast(device.type, enabled=False):
+            (loss * (part.mask.sum() / total_tokens)).backward()
     if world.size > 1:
         collected = [stats for rank_stats in world.gather(collected) for stats in rank_stats]
         spike = world.any(spike)
@@ -154,7 +163,7 @@ def ppo_update(
     total = params.ppo_epochs * math.ceil(len(batch) / params.mini_batch_size)
     bar = tqdm(total=total, desc="ppo", disable=not progress, mininterval=5)
     for _ in range(params.ppo_epochs):
-        order = torch.randperm(len(batch), generator=generator).tolist()
+        order = torch.randperm(len(batch), generator=generator, device=generator.device).tolist()
         for start in range(0, len(batch), params.mini_batch_size):
             stats, was_skipped = train_minibatch(
                 policy, optimizer, batch.select(order[start : start + params.mini_batch_size]), params, pad_id, world

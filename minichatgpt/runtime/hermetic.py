@@ -29,6 +29,9 @@ PASSED = frozenset({
     # the rendezvous of `accelerate launch` (torchrun) for runtime.launcher
     "WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
     "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT",
+    # which GPUs a stage may use (runtime.device), and how NCCL reaches the other processes' GPUs
+    "CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "NCCL_SOCKET_IFNAME", "NCCL_IB_DISABLE", "NCCL_IB_HCA",
+    "NCCL_P2P_DISABLE", "NCCL_SHM_DISABLE", "NCCL_DEBUG",
     "TERM", "NO_COLOR",
 })
 PASSED_PREFIXES = (
@@ -55,6 +58,10 @@ PINNED = {
     "OMP_NUM_THREADS": "1",
     # the BPE trainer's thread pool (tokenizers): fixed, not the machine's core count
     "RAYON_NUM_THREADS": "1",
+    # cuBLAS: a fixed workspace, so its reductions give the same bits on every run (runtime.device: cuda)
+    "CUBLAS_WORKSPACE_CONFIG": ":4096:8",
+    # torch.cuda.is_available() asks NVML, not the CUDA driver, so asking does not break CUDA in forked children
+    "PYTORCH_NVML_BASED_CUDA_CHECK": "1",
     # Python: string hashing, text encoding and locale
     "PYTHONHASHSEED": "0",
     "PYTHONUTF8": "1",

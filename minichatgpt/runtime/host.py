@@ -10,6 +10,8 @@ then stays near its peak. Tensors keep PyTorch's 64-byte alignment either way, s
 are bit-identical.
 
 ``MINICHATGPT_MALLOC=0`` leaves the allocator alone. Only glibc (Linux) is tuned.
+
+Also here: whether a process of this host is alive (stale staging directories, worker spawn locks).
 """
 
 from __future__ import annotations
@@ -22,6 +24,17 @@ log = logging.getLogger(__name__)
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 _done = False
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (one of another user counts: it may still be writing)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def keep_freed_memory() -> bool:

@@ -1,9 +1,10 @@
 """Data parallelism for `rollout` and `update` under ``accelerate launch`` (``runtime.launcher``).
 
-Single-process CPU is the default and pays nothing here. Launched by ``accelerate launch
---multi_gpu --num_processes N`` (torchrun underneath; the flag's name notwithstanding, the
-processes run on the CPU and talk over gloo), ``WORLD_SIZE`` > 1 and the processes join one group and split the work
-so that the result does not depend on how many processes there are:
+Single-process is the default and pays nothing here. Launched by ``accelerate launch
+--multi_gpu --num_processes N`` (torchrun underneath), ``WORLD_SIZE`` > 1 and the processes join
+one group: over NCCL with one GPU each (``LOCAL_RANK``) when ``runtime.device`` is ``cuda`` or
+``auto`` on a GPU machine, over gloo on the CPU otherwise. They split the work so that the result
+does not depend on how many processes there are:
 
 - rollout: each forward chunk of prompts has its own seeded generator, so chunk k
   generates the same tokens whichever process runs it; process 0 gathers and writes;
@@ -26,6 +27,8 @@ import torch
 class World:
     rank: int = 0
     size: int = 1
+    device: torch.device = torch.device("cpu")
+    """where this process's collectives put their tensors (NCCL reduces CUDA tensors only)"""
 
     @property
     def is_main(self) -> bool:
@@ -42,7 +45,7 @@ class World:
     def any(self, flag: bool) -> bool:
         if self.size == 1:
             return flag
-        t = torch.tensor([1.0 if flag else 0.0])
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
         return bool(t.item())
 
@@ -59,16 +62,16 @@ class World:
 SINGLE = World()
 
 
-def current_world() -> World:
-    """This process's place among those ``accelerate launch`` started (rank 0 of 1 otherwise)."""
+def current_world(device: torch.device = SINGLE.device) -> World:
+    """This process's place among those ``accelerate launch`` started (rank 0 of 1 otherwise); ``device``
+    is the process's own (:func:`minichatgpt.runtime.device.resolve` gives each its LOCAL_RANK's GPU)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return SINGLE
     import torch.distributed as dist
 
     if not dist.is_initialized():  # env:// rendezvous that accelerate launch / torchrun set up
-        # gloo: the stages keep models and tensors on the CPU (GPU placement is not implemented)
-        dist.init_process_group(backend="gloo")
-    return World(dist.get_rank(), dist.get_world_size())
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return World(dist.get_rank(), dist.get_world_size(), device)
 
 
 def chunk_seed(seed: int, chunk: int) -> int:

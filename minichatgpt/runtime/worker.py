@@ -301,13 +301,9 @@ def _starting(lock: str) -> bool:
         return False
     if not pid:
         return True  # its spawner has not written the pid yet
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
+    from minichatgpt.runtime.host import pid_alive
+
+    return pid_alive(pid)
 
 
 def spawn(path: str) -> None:

@@ -36,7 +36,7 @@ PRELOAD = (
     "minichatgpt.params", "minichatgpt.core", "minichatgpt.pipeline.artifacts", "minichatgpt.pipeline.data",
     "minichatgpt.pipeline.evaluation", "minichatgpt.models.policy", "minichatgpt.models.tokenizer",
     "minichatgpt.models.reward", "minichatgpt.ppo.generation", "minichatgpt.ppo.steps", "minichatgpt.ppo.update",
-    "minichatgpt.runtime.stage", "minichatgpt.runtime.host",
+    "minichatgpt.runtime.stage", "minichatgpt.runtime.host", "minichatgpt.runtime.device",
 )
 
 
@@ -233,21 +233,29 @@ def _warm_up() -> None:
     hf_logging.enable_progress_bar()
 
 
-def serve(path: str, idle_s: float, started: float) -> None:
-    """Import, then serve on ``path``; ``started`` is when the stage process that spawned this
-    worker decided to (a source changed after that may be half-imported: never serve then)."""
+def load() -> None:
+    """Everything the server does before it forks children: imports and the warm-up. None of it may
+    initialise CUDA (not even ask how many GPUs there are): a CUDA context does not survive fork, so
+    the children, which resolve ``runtime.device``, could not use the GPU (tests/test_device.py)."""
     import importlib
-    import selectors
 
-    settings = (json.loads(json.dumps(client.process_facts())), client.key_environ())  # as a request has them
-    if os.path.basename(path) != f"{client.worker_key(facts=settings[0])}.sock":
-        return  # not the settings the name stands for (the spawner's differ from ours): serve nobody
     for name in PRELOAD:
         importlib.import_module(name)
     try:
         _warm_up()
     except Exception:  # noqa: BLE001 - only a speed-up; children load models themselves anyway
         pass
+
+
+def serve(path: str, idle_s: float, started: float) -> None:
+    """Import, then serve on ``path``; ``started`` is when the stage process that spawned this
+    worker decided to (a source changed after that may be half-imported: never serve then)."""
+    import selectors
+
+    settings = (json.loads(json.dumps(client.process_facts())), client.key_environ())  # as a request has them
+    if os.path.basename(path) != f"{client.worker_key(facts=settings[0])}.sock":
+        return  # not the settings the name stands for (the spawner's differ from ours): serve nobody
+    load()
     watched = _watched()
     snapshot = _stat(watched)
     if any(ctime >= (started - 1.0) * 1e9 for _, _, _, ctime in snapshot):
