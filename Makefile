@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: compare notebook install install-pretrained bytecode repro test unit lint plots clean bench bench-learning
+.PHONY: compare notebook install install-pretrained bytecode repro test unit lint plots clean bench bench-learning gpu-check
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -72,3 +72,8 @@ lint: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+# One GPU: a GPT-2-124M-sized policy, 5 PPO iterations at batch 128 through `dvc repro` on CUDA,
+# and TRL 0.11.4 on the same GPU and settings (benchmarks/gpu_check.py; `--smoke` checks it on a CPU)
+gpu-check: bytecode
+	$(BIN)/python benchmarks/gpu_check.py

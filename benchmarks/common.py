@@ -68,20 +68,20 @@ def ppo_section(raw: dict) -> dict:
     return asdict(section(raw, "ppo"))
 
 
-def write_initial_value_head(seed: int) -> Path:
+def write_initial_value_head(seed: int, root: Path = ROOT) -> Path:
     """minichatgpt's seeded initial value head, handed to TRL so both start from the same weights."""
     from safetensors.torch import save_file
 
     from minichatgpt.models.policy import PolicyWithValueHead, load_causal_lm
 
-    policy = PolicyWithValueHead(load_causal_lm(ROOT / "checkpoints/0"), seed=seed)
+    policy = PolicyWithValueHead(load_causal_lm(root / "checkpoints/0"), seed=seed)
     path = WORK / "value_head0.safetensors"
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in policy.v_head.state_dict().items()}, path)
     return path
 
 
-def iteration_inputs(raw: dict, batch_size: int, iteration: int, split: str = "train") -> dict:
+def iteration_inputs(raw: dict, batch_size: int, iteration: int, split: str = "train", root: Path = ROOT) -> dict:
     """The prompts and response lengths rollout@iteration would draw, for every contender."""
     import numpy as np
     import pyarrow.parquet as pq
@@ -92,9 +92,9 @@ def iteration_inputs(raw: dict, batch_size: int, iteration: int, split: str = "t
 
     ppo, gen = section(raw, "ppo"), section(raw, "generation")
     seed = stage_seed(ppo.seed, "rollout", iteration)
-    prompts = pq.read_table(ROOT / "data/prompts.parquet")
+    prompts = pq.read_table(root / "data/prompts.parquet")
     batch = sample_prompts(prompts, split, batch_size, np.random.default_rng(seed))
-    queries = encode_queries(load_tokenizer(ROOT / "checkpoints/0"), batch)
+    queries = encode_queries(load_tokenizer(root / "checkpoints/0"), batch)
     lengths = np.random.default_rng(seed).integers(gen.output_min_length, gen.output_max_length + 1,
                                                    size=len(queries)).tolist()
     fbs = gen.forward_batch_size
@@ -108,13 +108,14 @@ def same_model_check(a: dict, b: dict) -> dict:
             for k in a}
 
 
-def workload(raw: dict, runs: list[dict], threads: int, mode: str = "speed") -> dict:
+def workload(raw: dict, runs: list[dict], threads: int, mode: str = "speed", root: Path = ROOT,
+             device: str = "cpu") -> dict:
     from minichatgpt.params import section
 
     ppo = ppo_section(raw)
     return {
-        "mode": mode, "policy": str(ROOT / "checkpoints/0"), "reward": str(ROOT / "models/reward"),
-        "value_head": str(write_initial_value_head(ppo["seed"])), "ppo": ppo,
+        "mode": mode, "policy": str(root / "checkpoints/0"), "reward": str(root / "models/reward"),
+        "value_head": str(write_initial_value_head(ppo["seed"], root)), "ppo": ppo, "device": device,
         "probe_ids": runs[0]["iterations"][0]["queries"][0] + [5, 6, 7, 8],
         "threads": threads, "forward_batch_size": section(raw, "generation").forward_batch_size,
         "runs": runs,
@@ -222,6 +223,7 @@ def timed_dvc_repro(repo: Path, target: str, threads: int, extra_env: dict | Non
     marks: list[tuple[float, str]] = []
     rss: dict[str, int] = {}
     inside: dict[str, float] = {}
+    gpu: dict[str, float] = {}
     done = threading.Event()
     start = time.perf_counter()
     proc = subprocess.Popen([dvc, "repro", target], cwd=repo, env=env, stdout=subprocess.PIPE,
@@ -255,6 +257,9 @@ def timed_dvc_repro(repo: Path, target: str, threads: int, extra_env: dict | Non
         elif line.startswith("[") and "] done in " in line:  # the stage's own time, from run() to outputs fsynced
             stage = line[1:].split("]", 1)[0]
             inside[stage] = float(line.split("] done in ", 1)[1].split("s", 1)[0])
+            if " gpu_peak_mb=" in line:  # a stage that ran on CUDA (minichatgpt.runtime.stage)
+                peak = float(line.split(" gpu_peak_mb=", 1)[1].split()[0])
+                gpu[stage] = max(gpu.get(stage, 0.0), peak)
         elif line.startswith("[worker] ") and "peak_rss_mb=" in line:  # stage run by the warm worker
             stage = line.split()[1].removesuffix(".py")
             rss[stage] = max(rss.get(stage, 0), int(float(line.rsplit("=", 1)[1]) * 2**20))
@@ -268,7 +273,8 @@ def timed_dvc_repro(repo: Path, target: str, threads: int, extra_env: dict | Non
     stages = {}
     for (t, name), nxt in zip(marks, [m[0] for m in marks[1:]] + [end]):
         stages[name.split("@")[0]] = nxt - t
-    return {"s": end - start, "stages_s": stages, "stage_inside_s": inside,
+    return {"s": end - start, "stages_s": stages, "stage_inside_s": inside, "stage_gpu_peak_mb": gpu,
+            "marks": [(t - start, name) for t, name in marks],
             "stage_peak_rss_mb": {k: v / 2**20 for k, v in rss.items()}}
 
 

@@ -42,11 +42,13 @@ def load_tokenizer(path: Path):
 class Reward:
     """Positive-class logit of the sequence classifier, batched (what sent_kwargs asks of the pipeline)."""
 
-    def __init__(self, path: Path, batch_size: int):
+    def __init__(self, path: Path, batch_size: int, device: str = "cpu"):
         from transformers import AutoModelForSequenceClassification
 
         self.tok = load_tokenizer(path)
         self.model = AutoModelForSequenceClassification.from_pretrained(str(path), torch_dtype=torch.float32).eval()
+        self.device = torch.device(device)
+        self.model.to(self.device)
         self.max_length = min(self.model.config.max_position_embeddings, 512)
         self.batch_size = batch_size
 
@@ -55,7 +57,7 @@ class Reward:
         out = []
         for i in range(0, len(texts), self.batch_size):
             enc = self.tok(texts[i : i + self.batch_size], padding=True, truncation=True,
-                           max_length=self.max_length, return_tensors="pt")
+                           max_length=self.max_length, return_tensors="pt").to(self.device)
             out += self.model(**enc).logits[:, 1].float().tolist()
         return out
 
@@ -96,7 +98,7 @@ class Runner:
         import trl  # noqa: F401
 
         self.import_s = time.perf_counter() - t0
-        self.reward = Reward(Path(work["reward"]), work["forward_batch_size"])
+        self.reward = Reward(Path(work["reward"]), work["forward_batch_size"], work.get("device", "cpu"))
         self.gen_batch = work["forward_batch_size"]
         self.save_dir = run_spec.get("save_dir")
         torch.manual_seed(work["ppo"]["seed"])
@@ -125,7 +127,8 @@ class Runner:
             save = Path(self.save_dir) / str(self.done)
             save.mkdir(parents=True, exist_ok=True)
             trainer.model.pretrained_model.save_pretrained(save, safe_serialization=True)
-        return {
+        gpu = {"gpu_peak_mb": torch.cuda.max_memory_allocated() / 2**20} if torch.cuda.is_initialized() else {}
+        return gpu | {
             "s": t_step - t, "generate_s": t_gen - t, "score_s": t_score - t_gen, "step_s": t_step - t_score,
             "response_tokens": int(sum(len(r) for r in responses)),
             "reward_mean": float(torch.stack(scores).mean()),

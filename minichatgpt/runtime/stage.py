@@ -104,6 +104,14 @@ def _code_unchanged_since(started: float) -> Callable[[], None]:
     return check
 
 
+def _gpu_figures() -> dict:
+    """Peak GPU memory of a stage that used CUDA, for its log line (benchmarks/gpu_check.py reads it)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_initialized():
+        return {}
+    return {"gpu_peak_mb": torch.cuda.max_memory_allocated() / 2**20}
+
+
 def run(name: str, main: Callable[[], dict | None]) -> None:
     """Run ``main`` with stage logging and error handling, then exit without teardown.
 
@@ -129,7 +137,7 @@ def run(name: str, main: Callable[[], dict | None]) -> None:
     start = time.perf_counter()
     code = 0
     try:
-        summary = main() or {}
+        summary = (main() or {}) | _gpu_figures()
         figures = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items())
         log.info("done in %.2fs %s", time.perf_counter() - start, figures)
     except USER_ERRORS as err:
