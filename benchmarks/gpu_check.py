@@ -124,7 +124,7 @@ def main() -> None:
     ours_iters = per_iteration(ours["marks"], ours["s"])
     result = {
         "gpu": gpu, "dtype": args.dtype, "batch_size": args.batch_size, "iterations": args.iterations,
-        "policy": "tiny preset (--smoke)" if args.smoke else "GPT-2 12 x 768, 12 heads, 1024 positions, embedded tokenizer",
+        "policy": "tiny preset (--smoke)" if args.smoke else "GPT-2 12 x 768, 12 heads, 1024 positions",
         "pretrain_s": models_pretrain["s"], "train_reward_s": models["s"],
         "dvc_s_per_iter": ours_iters, "dvc_stage_s": stage_means(ours["marks"], ours["s"]),
         "dvc_stage_gpu_peak_mb": ours["stage_gpu_peak_mb"],
