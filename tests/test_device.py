@@ -112,6 +112,22 @@ def test_each_launched_process_takes_the_gpu_of_its_local_rank(four_gpus: list) 
         resolve("cuda:4", environ={})
 
 
+@pytest.mark.parametrize("device, backend", [("cuda:1", "nccl"), ("cpu", "gloo")])
+def test_launched_processes_join_over_nccl_on_gpus_and_gloo_on_cpus(monkeypatch, device: str, backend: str) -> None:
+    import torch.distributed as dist
+
+    from minichatgpt.runtime.parallel import current_world
+
+    joined: list[str] = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "is_initialized", lambda: bool(joined))
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: joined.append(backend))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    world = current_world(torch.device(device))
+    assert joined == [backend] and (world.rank, world.size, world.device) == (1, 2, torch.device(device))
+
+
 def test_a_bfloat16_placement_is_recorded() -> None:
     place = resolve("cpu", "bfloat16")
     assert place == Placement(torch.device("cpu"), torch.bfloat16)
