@@ -4,8 +4,9 @@
 (:mod:`minichatgpt.ppo.steps`, :mod:`minichatgpt.ppo.update`), so one PPO step in a
 notebook and one iteration of ``dvc repro`` give the same weights for the same
 batch, seed and params. Models run where ``config.device`` says (``auto``: a GPU if there is
-one, as TRL's ``Accelerator`` does) with ``config.dtype`` autocast around forward passes; per-token
-tensors that methods return live on that device.
+one, as TRL's ``Accelerator`` does) with ``config.dtype`` autocast around forward passes. ``generate``
+returns token ids on the CPU, beside the dataset's queries; per-token tensors of the forward passes
+live on the device.
 """
 
 from __future__ import annotations
@@ -100,8 +101,8 @@ class PPOTrainer:
             self._generated, self._generated_at = {}, version
         for q, r, lp, v in zip(queries, out.response_ids, out.logprobs, out.values):
             self._generated[(tuple(q), tuple(r))] = (lp, v)
-        rows = [torch.tensor((q if return_prompt else []) + r, device=self.placement.device)
-                for q, r in zip(queries, out.response_ids)]
+        # on the CPU, beside the dataset's queries (a notebook concatenates them), wherever the model is
+        rows = [torch.tensor((q if return_prompt else []) + r, device="cpu") for q, r in zip(queries, out.response_ids)]
         return rows[0].unsqueeze(0) if single else rows
 
     def _weights_version(self) -> tuple[int, ...]:
