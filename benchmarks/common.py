@@ -161,21 +161,27 @@ class Worker:
 
 # ---------------------------------------------------------------- scratch DVC copies
 
-def scratch_repo(name: str, params_edit) -> Path:
-    """A copy of this repository (tracked + untracked, not ignored files) under benchmarks/_work,
-    with the default models copied in and committed to its own DVC cache, and params edited."""
-    import yaml
-
-    dest = WORK / name
+def copy_checkout(dest: Path, skip: tuple[str, ...] = ("benchmarks/",)) -> None:
+    """A fresh copy of this repository's tracked and untracked, not ignored files in ``dest``, but
+    those whose path starts with one of ``skip``."""
     if dest.exists():
         shutil.rmtree(dest)
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
                            capture_output=True).stdout.decode().split("\0")
     for rel in filter(None, files):
         src = ROOT / rel
-        if src.is_file() and not rel.startswith("benchmarks/"):
+        if src.is_file() and not rel.startswith(skip):
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
+
+
+def scratch_repo(name: str, params_edit) -> Path:
+    """A copy of this repository (tracked + untracked, not ignored files) under benchmarks/_work,
+    with the default models copied in and committed to its own DVC cache, and params edited."""
+    import yaml
+
+    dest = WORK / name
+    copy_checkout(dest)
     for rel in ("data/params_schema.json", "data/corpus.parquet", "data/prompts.parquet"):
         shutil.copy2(ROOT / rel, dest / rel)
     for rel in ("checkpoints/0", "models/reward"):
@@ -270,11 +276,9 @@ def timed_dvc_repro(repo: Path, target: str, threads: int, extra_env: dict | Non
         sampler.join()
     if code != 0:
         raise RuntimeError(f"dvc repro {target} failed in {repo}:\n{''.join(output[-40:])}")
-    stages = {}
-    for (t, name), nxt in zip(marks, [m[0] for m in marks[1:]] + [end]):
-        stages[name.split("@")[0]] = nxt - t
-    return {"s": end - start, "stages_s": stages, "stage_inside_s": inside, "stage_gpu_peak_mb": gpu,
-            "marks": [(t - start, name) for t, name in marks],
+    runs = [(name, nxt - t) for (t, name), nxt in zip(marks, [m[0] for m in marks[1:]] + [end])]
+    return {"s": end - start, "stages_s": {name.split("@")[0]: s for name, s in runs}, "stage_inside_s": inside,
+            "stage_gpu_peak_mb": gpu, "runs_s": runs, "marks": [(t - start, name) for t, name in marks],
             "stage_peak_rss_mb": {k: v / 2**20 for k, v in rss.items()}}
 
 

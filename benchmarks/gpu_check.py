@@ -30,6 +30,7 @@ from common import (  # noqa: E402
     ROOT,
     WORK,
     Worker,
+    copy_checkout,
     iteration_inputs,
     log,
     sh,
@@ -60,18 +61,8 @@ def check_params(raw: dict, args: argparse.Namespace) -> None:
 
 def scratch(args: argparse.Namespace) -> Path:
     """A copy of this repository's tracked files with the check's params, its own git and DVC cache."""
-    import shutil
-    import subprocess
-
     dest = WORK / "gpu-check"
-    if dest.exists():
-        shutil.rmtree(dest)
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
-                           capture_output=True).stdout.decode().split("\0")
-    for rel in filter(None, files):
-        if (ROOT / rel).is_file() and not rel.startswith(("benchmarks/", "metrics/")) and rel != "dvc.lock":
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, dest / rel)
+    copy_checkout(dest, skip=("benchmarks/", "metrics/", "dvc.lock"))
     raw = yaml.safe_load((dest / "params.yaml").read_text())
     check_params(raw, args)
     (dest / "params.yaml").write_text(yaml.safe_dump(raw, default_flow_style=False, sort_keys=False))
@@ -86,10 +77,11 @@ def per_iteration(marks: list[tuple[float, str]], total_s: float) -> list[float]
     return [b - a for a, b in zip(starts, ends)]
 
 
-def stage_means(marks: list[tuple[float, str]], total_s: float) -> dict[str, float]:
+def stage_means(runs: list[tuple[str, float]]) -> dict[str, float]:
+    """Mean seconds of each iteration stage over the iterations (``timed_dvc_repro``'s ``runs_s``)."""
     times: dict[str, list[float]] = {}
-    for (t, name), nxt in zip(marks, [m[0] for m in marks[1:]] + [total_s]):
-        times.setdefault(name.split("@")[0], []).append(nxt - t)
+    for name, seconds in runs:
+        times.setdefault(name.split("@")[0], []).append(seconds)
     return {k: statistics.mean(v) for k, v in times.items() if k in STAGES}
 
 
@@ -126,7 +118,7 @@ def main() -> None:
         "gpu": gpu, "dtype": args.dtype, "batch_size": args.batch_size, "iterations": args.iterations,
         "policy": "tiny preset (--smoke)" if args.smoke else "GPT-2 12 x 768, 12 heads, 1024 positions",
         "pretrain_s": models_pretrain["s"], "train_reward_s": models["s"],
-        "dvc_s_per_iter": ours_iters, "dvc_stage_s": stage_means(ours["marks"], ours["s"]),
+        "dvc_s_per_iter": ours_iters, "dvc_stage_s": stage_means(ours["runs_s"]),
         "dvc_stage_gpu_peak_mb": ours["stage_gpu_peak_mb"],
     }
     if not args.skip_trl:
