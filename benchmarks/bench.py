@@ -177,7 +177,7 @@ def main() -> None:
             def edit(p: dict, bs: int = bs) -> None:
                 p["ppo"]["batch_size"] = bs
                 p["runtime"]["threads"] = threads
-                p["iters"] = {str(i): {"prev": str(i - 1)} for i in range(1, total + 1)}
+                p["ppo"]["iterations"] = total
 
             repo = scratch_repo(f"dvc-{bs}", edit)
         contenders = [c for c in ("trl", "ours", "portable", "dvc") if c not in skip]

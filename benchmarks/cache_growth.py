@@ -43,7 +43,7 @@ def run(mode: str, policy: Path, work: Path, iterations: int) -> dict:
     params = json.loads(json.dumps(TINY_PARAMS))
     params["pretrain"]["model"] = str(policy)
     params["runtime"]["threads"] = 2
-    params["iters"] = {str(i): {"prev": str(i - 1)} for i in range(1, iterations + 1)}
+    params["ppo"]["iterations"] = iterations
     if mode == "lora":
         params["lora"] = {"r": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": "auto"}
     repo = make_pipeline_repo(work / mode, params)

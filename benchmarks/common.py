@@ -175,6 +175,18 @@ def copy_checkout(dest: Path, skip: tuple[str, ...] = ("benchmarks/",)) -> None:
             shutil.copy2(src, dest / rel)
 
 
+def write_run_params(dest: Path, raw: dict) -> None:
+    """A scratch copy's params.yaml, its iteration stage files for ``ppo.iterations`` and no dvc.lock."""
+    import yaml
+
+    from minichatgpt.pipeline import iterations
+
+    (dest / "params.yaml").write_text(yaml.safe_dump(raw, default_flow_style=False, sort_keys=False))
+    for lock in [dest / "dvc.lock", *(dest / iterations.DIR).glob("*/dvc.lock")]:
+        lock.unlink(missing_ok=True)
+    iterations.write(dest, raw["ppo"]["iterations"])
+
+
 def scratch_repo(name: str, params_edit) -> Path:
     """A copy of this repository (tracked + untracked, not ignored files) under benchmarks/_work,
     with the default models copied in and committed to its own DVC cache, and params edited."""
@@ -188,8 +200,7 @@ def scratch_repo(name: str, params_edit) -> Path:
         shutil.copytree(ROOT / rel, dest / rel)
     raw = yaml.safe_load((dest / "params.yaml").read_text())
     params_edit(raw)
-    (dest / "params.yaml").write_text(yaml.safe_dump(raw, default_flow_style=False, sort_keys=False))
-    (dest / "dvc.lock").unlink(missing_ok=True)
+    write_run_params(dest, raw)
     sh(["git", "init", "-q"], cwd=dest)
     dvc = str(Path(sys.executable).parent / "dvc")
     sh([dvc, "commit", "-f", "-q", "check_params", "prepare", "pretrain", "train_reward"], cwd=dest)
@@ -259,7 +270,7 @@ def timed_dvc_repro(repo: Path, target: str, threads: int, extra_env: dict | Non
     for line in proc.stdout:
         output.append(line)
         if line.startswith("Running stage '"):
-            marks.append((time.perf_counter(), line.split("'")[1]))
+            marks.append((time.perf_counter(), line.split("'")[1].rsplit("dvc.yaml:", 1)[-1]))  # rollout@1
         elif line.startswith("[") and "] done in " in line:  # the stage's own time, from run() to outputs fsynced
             stage = line[1:].split("]", 1)[0]
             inside[stage] = float(line.split("] done in ", 1)[1].split("s", 1)[0])

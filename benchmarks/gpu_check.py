@@ -1,7 +1,7 @@
 """``make gpu-check``: the pipeline on one GPU against TRL 0.11.4 on the same GPU and settings.
 
 A GPT-2-124M-sized policy (``GPT2Config()``'s 12 layers x 768, 12 heads, 1024 positions) with the
-embedded tokenizer and reward model, pretrained briefly here, then ``iters`` PPO iterations at batch
+embedded tokenizer and reward model, pretrained briefly here, then ``--iterations`` PPO iterations at batch
 128 through ``dvc repro`` with ``runtime.device: cuda``, in a scratch copy of this repository
 (``benchmarks/_work/gpu-check``). TRL's legacy ``PPOTrainer`` (``trl_iter.py``, its own venv) then
 runs the same iterations from the same checkpoint, value head, prompts and response lengths.
@@ -37,6 +37,7 @@ from common import (  # noqa: E402
     timed_dvc_repro,
     trl_python,
     workload,
+    write_run_params,
 )
 
 STAGES = ("rollout", "score", "advantages", "update")
@@ -56,16 +57,16 @@ def check_params(raw: dict, args: argparse.Namespace) -> None:
         raw["ppo"] |= {"learning_rate": 1.41e-5}  # TRL's default, for a 124M policy
     raw["runtime"] |= {"device": args.device, "dtype": args.dtype}
     raw["ppo"] |= {"batch_size": args.batch_size}
-    raw["iters"] = {str(i): {"prev": str(i - 1)} for i in range(1, args.iterations + 1)}
+    raw["ppo"] |= {"iterations": args.iterations}
 
 
 def scratch(args: argparse.Namespace) -> Path:
     """A copy of this repository's tracked files with the check's params, its own git and DVC cache."""
     dest = WORK / "gpu-check"
-    copy_checkout(dest, skip=("benchmarks/", "metrics/", "dvc.lock"))
+    copy_checkout(dest, skip=("benchmarks/", "metrics/"))
     raw = yaml.safe_load((dest / "params.yaml").read_text())
     check_params(raw, args)
-    (dest / "params.yaml").write_text(yaml.safe_dump(raw, default_flow_style=False, sort_keys=False))
+    write_run_params(dest, raw)
     sh(["git", "init", "-q"], cwd=dest)
     return dest
 

@@ -11,6 +11,7 @@ hermetic.pin_this_process()
 import functools  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
+import re  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -20,12 +21,19 @@ import pytest  # noqa: E402
 import yaml  # noqa: E402
 
 from minichatgpt.params.presets import compose  # noqa: E402
+from minichatgpt.pipeline import iterations  # noqa: E402
 from minichatgpt.pipeline.report import offline_html_template  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
 TINY_PARAMS = compose(yaml.safe_load((ROOT / "presets" / "tiny.yaml").read_text()))
 """The tiny preset over the defaults (the CI reproduction runs it too): every key of params.yaml."""
+
+
+def pipeline_stages() -> dict[str, dict]:
+    """Every stage as written: dvc.yaml's, and the iteration stages of the template (``foreach`` + ``do``)."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    return stages | yaml.safe_load((ROOT / iterations.TEMPLATE).read_text())["stages"]
 
 
 def tool_env() -> dict[str, str]:
@@ -56,9 +64,31 @@ def write_params(path: Path, params: dict) -> None:
 
 
 def out_hashes_of(lock_text: str) -> dict[str, str]:
-    """``stage:path -> md5`` of every output in a dvc.lock."""
+    """``stage:path -> md5`` of every output in one dvc.lock."""
     lock = yaml.safe_load(lock_text)
     return {f"{s}:{o['path']}": o["md5"] for s, b in lock["stages"].items() for o in b.get("outs", [])}
+
+
+def lock_files(repo: Path, rev: str | None = None) -> list[str]:
+    """The pipeline's dvc.lock files: the root one and one per block of iterations (in ``rev`` if given)."""
+    if rev is None:
+        return ["dvc.lock"] + sorted(str(p.relative_to(repo)) for p in (repo / "iterations").glob("*/dvc.lock"))
+    listed = sh(["git", "ls-tree", "-r", "--name-only", rev], repo).stdout.split()
+    return [f for f in listed if f == "dvc.lock" or (f.startswith("iterations/") and f.endswith("/dvc.lock"))]
+
+
+def out_hashes(repo: Path, rev: str | None = None) -> dict[str, str]:
+    """``stage:path -> md5`` of every output in every dvc.lock of the workspace (or of ``rev``)."""
+    out: dict[str, str] = {}
+    for name in lock_files(repo, rev):
+        text = (repo / name).read_text() if rev is None else sh(["git", "show", f"{rev}:{name}"], repo).stdout
+        out |= out_hashes_of(text)
+    return out
+
+
+def stages_run(output: str) -> set[str]:
+    """Stages a `dvc repro` / `dvc exp run` ran, by name (``rollout@1``, not its dvc.yaml's path)."""
+    return set(re.findall(r"Running stage '(?:[^':]*dvc\.yaml:)?([^']+)'", output))
 
 
 def metrics_of(repo: Path) -> dict[str, object]:
@@ -78,7 +108,10 @@ def make_pipeline_repo(dest: Path, params: dict) -> Path:
         shutil.copy(ROOT / name, dest / name)
     for name in ("stages", "minichatgpt"):
         shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    (dest / iterations.DIR).mkdir()
+    shutil.copy(ROOT / iterations.TEMPLATE, dest / iterations.TEMPLATE)
     write_params(dest / "params.yaml", params)
+    iterations.write(dest, params["ppo"]["iterations"])
     sh(["git", "init", "-q", "-b", "main"], dest)
     sh(["dvc", "init", "-q"], dest)
     sh(["dvc", "config", "core.analytics", "false"], dest)

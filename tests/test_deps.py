@@ -10,13 +10,12 @@ from pathlib import Path
 
 import pathspec
 import pytest
-import yaml
 
+from tests.conftest import pipeline_stages
 from tests.import_closure import ROOT, closure
 
-DVC_YAML = yaml.safe_load((ROOT / "dvc.yaml").read_text())
-STAGES = {name: stage.get("do", stage) for name, stage in DVC_YAML["stages"].items()}
-ONE_OFF = [name for name, stage in DVC_YAML["stages"].items() if "foreach" not in stage]
+STAGES = {name: stage.get("do", stage) for name, stage in pipeline_stages().items()}
+ONE_OFF = [name for name, stage in pipeline_stages().items() if "foreach" not in stage]
 NOT_PIPELINE = ("minichatgpt/notebook/", "minichatgpt/experiments/", "benchmarks/", "notebooks/", "examples/")
 
 

@@ -11,9 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
-from tests.conftest import metrics_of, sh, tool_env
+from tests.conftest import metrics_of, out_hashes, sh, tool_env
 
 pytestmark = pytest.mark.e2e
 
@@ -47,8 +46,7 @@ def test_a_truncated_checkpoint_file_is_refused_with_one_line_naming_it(repo: Pa
 
 def cache_object(repo: Path, out: str, name: str) -> Path:
     """The DVC cache file holding ``name`` inside directory output ``out`` (per dvc.lock)."""
-    stages = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
-    md5 = next(o["md5"] for s in stages.values() for o in s.get("outs", []) if o["path"] == out)
+    md5 = next(h for key, h in out_hashes(repo).items() if key.endswith(f":{out}"))
     digest = md5.removesuffix(".dir")
     listing = json.loads((repo / ".dvc/cache/files/md5" / digest[:2] / (digest[2:] + ".dir")).read_text())
     file_md5 = next(e["md5"] for e in listing if e["relpath"] == name)

@@ -158,7 +158,7 @@ def test_section_not_a_mapping():
 
 
 def test_load_yaml_valid(tmp_path):
-    raw = load_yaml(write(tmp_path, "ppo:\n  lam: 0.9\niters:\n  '1':\n    prev: '0'\n"))
+    raw = load_yaml(write(tmp_path, "ppo:\n  lam: 0.9\n  iterations: 3\n"))
     assert section(raw, "ppo").lam == 0.9
     assert section(raw, "data") == SECTIONS["data"]()
 
@@ -188,42 +188,24 @@ def test_load_yaml_missing_file(tmp_path):
 
 
 def test_iterations_chain():
-    its = iterations({"iters": {"2": {"prev": "1"}, "1": {"prev": "0"}, "3": {"prev": "2"}}})
+    its = iterations({"ppo": {"iterations": 3}})
     assert list(its) == ["1", "2", "3"]
-    assert its["3"] == Iteration(prev="2")
+    assert its["1"] == Iteration(prev="0") and its["3"] == Iteration(prev="2")
+    assert list(iterations({})) == [str(i) for i in range(1, 11)]  # the default
 
 
-def test_iterations_unquoted_int_key(tmp_path):
-    raw = load_yaml(write(tmp_path, "iters:\n  1:\n    prev: '0'\n"))
+@pytest.mark.parametrize("value,fragment", [(0, ">= 1"), (-2, ">= 1"), ("5", "an integer"), (2.5, "an integer")])
+def test_iterations_refused(value, fragment):
     with pytest.raises(ParamsError) as err:
-        iterations(raw)
-    assert "iters key 1" in str(err.value) and "quoted" in str(err.value)
+        iterations({"ppo": {"iterations": value}})
+    assert f"ppo.iterations={value!r}" in str(err.value) and fragment in str(err.value)
 
 
-@pytest.mark.parametrize(
-    "iters,fragments",
-    [
-        ({"1": {"prev": "0"}, "2": {"prev": "0"}}, ["iters.2.prev='0'", "expected '1'"]),
-        ({"1": {"prev": "1"}}, ["iters.1.prev='1'", "expected '0'"]),
-        ({"1": {"prev": "0"}, "3": {"prev": "2"}}, ["'3'"]),
-        ({"2": {"prev": "1"}}, ["'2'"]),
-        ({"one": {"prev": "0"}}, ["'one'"]),
-        ({"1": {"prev": 0}}, ["iters.1.prev=0", "string"]),
-        ({"1": {}}, ["iters.1.prev", "required"]),
-        ({"1": {"prev": "0", "prve": "0"}}, ["iters.1.prve", "did you mean iters.1.prev?"]),
-    ],
-)
-def test_iterations_broken(iters, fragments):
+def test_the_old_iters_section_says_what_replaced_it(tmp_path):
+    path = write(tmp_path, "ppo:\n  lam: 0.9\niters:\n  '1':\n    prev: '0'\n")
     with pytest.raises(ParamsError) as err:
-        iterations({"iters": iters})
-    for fragment in fragments:
-        assert fragment in str(err.value), str(err.value)
-
-
-@pytest.mark.parametrize("raw", [{}, {"iters": {}}, {"iters": [1]}, {"iters": None}])
-def test_iterations_missing_or_empty(raw):
-    with pytest.raises(ParamsError, match="non-empty mapping"):
-        iterations(raw)
+        load_yaml(path)
+    assert str(path) in str(err.value) and "ppo.iterations" in str(err.value)
 
 
 def test_repo_params_yaml_validates():

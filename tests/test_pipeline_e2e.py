@@ -13,19 +13,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT, TINY_PARAMS, metrics_of, out_hashes_of, sh, tool_env, write_params
+from tests.conftest import ROOT, TINY_PARAMS, metrics_of, out_hashes, sh, stages_run, tool_env, write_params
 
 pytestmark = pytest.mark.e2e
 
 ALL_ITER_STAGES = ("rollout", "score", "advantages", "update")
-
-
-def stages_run(output: str) -> set[str]:
-    return set(re.findall(r"Running stage '([^']+)'", output))
-
-
-def out_hashes(repo: Path) -> dict[str, str]:
-    return out_hashes_of((repo / "dvc.lock").read_text())
 
 
 def restore(repo: Path) -> None:
@@ -135,7 +127,7 @@ def test_plots_show_renders_offline_html(repo: Path, tmp_path: Path) -> None:
 def test_adding_an_iteration_runs_only_its_stages(repo: Path) -> None:
     try:
         params = yaml.safe_load((repo / "params.yaml").read_text())
-        params["iters"]["3"] = {"prev": "2"}
+        params["ppo"]["iterations"] = 3
         write_params(repo / "params.yaml", params)
         run = sh(["dvc", "repro"], repo)
         assert stages_run(run.stdout) == {f"{s}@3" for s in ALL_ITER_STAGES} | {"check_params", "evaluate"}
@@ -145,7 +137,7 @@ def test_adding_an_iteration_runs_only_its_stages(repo: Path) -> None:
 
 def test_forced_rerun_is_bit_identical(repo: Path) -> None:
     before, metrics_before = out_hashes(repo), metrics_of(repo)
-    assert len(before) == 11 + 5 * len(TINY_PARAMS["iters"])  # every output, metrics and plots included
+    assert len(before) == 11 + 5 * TINY_PARAMS["ppo"]["iterations"]  # every output, metrics and plots included
     sh(["dvc", "repro", "--force"], repo)
     assert out_hashes(repo) == before
     assert metrics_of(repo) == metrics_before

@@ -3,6 +3,7 @@ workflow runs the README's commands."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -23,12 +24,11 @@ def test_there_are_presets() -> None:
 def test_preset_holds_only_what_differs_and_validates(preset: Path) -> None:
     overrides = yaml.safe_load(preset.read_text())
     base = defaults()
-    same = [f"{name}.{key}" for name, body in overrides.items() if name != "iters"
+    same = [f"{name}.{key}" for name, body in overrides.items()
             for key, value in body.items() if base[name][key] == value]
     assert not same, f"{preset.name} repeats defaults: {same}"
-    assert "iters" not in overrides or overrides["iters"] != base["iters"]
     composed = compose(overrides)  # raises ParamsError naming the field
-    assert validate_all(composed)["iters"]
+    assert validate_all(composed)["ppo"].iterations >= 1
 
 
 def test_params_yaml_is_written_from_the_declarations() -> None:
@@ -43,8 +43,21 @@ def test_writing_a_preset_gives_the_preset_over_the_defaults(tmp_path: Path) -> 
     tiny = yaml.safe_load((ROOT / "presets" / "tiny.yaml").read_text())
     assert written["ppo"]["batch_size"] == tiny["ppo"]["batch_size"] != defaults()["ppo"]["batch_size"]
     assert written["ppo"]["lam"] == defaults()["ppo"]["lam"]
-    assert list(written["iters"]) == list(tiny["iters"])
-    assert [p.name for p in tmp_path.iterdir()] == ["params.yaml"]  # no temporary file left
+    assert written["ppo"]["iterations"] == tiny["ppo"]["iterations"] != defaults()["ppo"]["iterations"]
+    assert [p.name for p in tmp_path.iterdir()] == ["params.yaml"]  # no temporary file, no stage files (no template)
+
+
+def test_writing_a_preset_in_a_pipeline_writes_its_iteration_stage_files(tmp_path: Path) -> None:
+    (tmp_path / "iterations").mkdir()
+    shutil.copy(ROOT / "iterations" / "stages.yaml", tmp_path / "iterations" / "stages.yaml")
+    (tmp_path / "iterations" / "0011-0020").mkdir()  # a longer run's block, not needed by 3 iterations
+    (tmp_path / "iterations" / "0011-0020" / "dvc.yaml").write_text("stages: {}\n")
+    preset = tmp_path / "three.yaml"
+    preset.write_text("ppo:\n  iterations: 3\n")
+    main([str(preset), "--out", str(tmp_path / "params.yaml")])
+    block = yaml.safe_load((tmp_path / "iterations" / "0001-0010" / "dvc.yaml").read_text())
+    assert block["vars"][1]["iters"] == {"1": {"prev": "0"}, "2": {"prev": "1"}, "3": {"prev": "2"}}
+    assert not (tmp_path / "iterations" / "0011-0020").exists()
 
 
 def test_a_bad_preset_is_refused_by_name_and_params_yaml_is_kept(tmp_path: Path) -> None:

@@ -126,6 +126,8 @@ class GenerationParams:
 class PPOParams:
     """TRL legacy PPOConfig names; :data:`TRL_DEFAULTS` lists where the defaults differ from TRL's."""
 
+    iterations: int = setting(10, "PPO iterations (rollout -> score -> advantages -> update), iterations/*/dvc.yaml",
+                              ">= 1")
     learning_rate: float = setting(6e-4, "Adam learning rate (TRL: 1.41e-5, too small for the embedded policy)", "> 0")
     batch_size: int = setting(256, "rollouts per iteration", ">= 2")
     mini_batch_size: int = setting(32, "rollouts per gradient step (TRL: 1)", ">= 1")
@@ -200,8 +202,6 @@ SECTIONS: dict[str, type] = {
     "evaluate": EvaluateParams,
     "lora": LoraParams,
 }
-ITERATIONS = 10
-"""PPO iterations of the default params.yaml."""
 
 
 def closest(name: object, known: typing.Iterable[str]) -> str:
@@ -221,9 +221,8 @@ def closest(name: object, known: typing.Iterable[str]) -> str:
 
 
 def validate_all(raw: dict) -> dict[str, Any]:
-    """Every section, the checks across sections and the iteration chain (the `check_params` stage)."""
+    """Every section and the checks across sections (the `check_params` stage)."""
     checked: dict[str, Any] = {name: section(raw, name) for name in SECTIONS}
-    checked["iters"] = iterations(raw)
     data, gen, pretrain = checked["data"], checked["generation"], checked["pretrain"]
     room = pretrain.n_positions - data.input_max_text_length
     if pretrain.model == "embedded":  # otherwise rollout@1 would find out, after DVC deleted its outputs
@@ -333,8 +332,11 @@ def load_yaml(path: str | Path = "params.yaml") -> dict:
         raise ParamsError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: expected a mapping of sections")
-    known = set(SECTIONS) | {"iters"}
+    known = set(SECTIONS)
     for key in raw:
+        if key == "iters":
+            raise ParamsError(f"{path}: section iters was replaced by ppo.iterations (the number of PPO "
+                              "iterations): delete iters and set ppo.iterations")
         if key not in known:
             raise ParamsError(f"{path}: unknown section {key}; did you mean {closest(key, sorted(known))}?")
     return raw
@@ -348,25 +350,9 @@ def section(raw: dict, name: str) -> Any:
 
 
 def iterations(raw: dict) -> dict[str, Iteration]:
-    """The ``iters`` mapping, checked to form one chain 1, 2, ..., N back to '0'."""
-    items = raw.get("iters")
-    if not isinstance(items, dict) or not items:
-        raise ParamsError("params.yaml: iters must be a non-empty mapping like {'1': {prev: '0'}}")
-    out: dict[str, Iteration] = {}
-    for key, value in items.items():
-        if not isinstance(key, str):
-            raise ParamsError(
-                f"params.yaml: iters key {key!r} must be a quoted string ('{key}'); "
-                "unquoted integer keys make DVC drop foreach stages"
-            )
-        out[key] = _build(Iteration, value, f"iters.{key}")
-    keys = sorted(out, key=lambda k: int(k) if k.isdigit() else -1)
-    for n, key in enumerate(keys, start=1):
-        if key != str(n):
-            raise ParamsError(f"params.yaml: iters keys must be '1'..'{len(keys)}'; found {key!r}")
-        if out[key].prev != str(n - 1):
-            raise ParamsError(f"params.yaml: iters.{key}.prev={out[key].prev!r} is not allowed; expected '{n - 1}'")
-    return dict((k, out[k]) for k in keys)
+    """Each iteration of the run ('1'..'N' for ppo.iterations = N) and the one it continues from."""
+    n = section(raw, "ppo").iterations
+    return {str(i): Iteration(prev=str(i - 1)) for i in range(1, n + 1)}
 
 
 def as_dict(obj: Any) -> dict:

@@ -10,28 +10,22 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from minichatgpt.params import ITERATIONS, SECTIONS, ParamsError, as_dict, closest, validate_all
+from minichatgpt.params import SECTIONS, ParamsError, as_dict, closest, validate_all
 
 HEADER = """\
 # minichatgpt parameters, written by `python -m minichatgpt.params{preset}` from the declarations
 # in minichatgpt/params/__init__.py (each comment is the doc there). Each DVC stage reads only its
 # own sections (dvc.yaml), so changing a value reruns exactly the stages it can affect.
 """
-ITERS_NOTE = """\
-# One entry per PPO iteration; keys are QUOTED strings (unquoted integers make DVC
-# drop foreach stages). Add one with: dvc exp run -S "+iters.11.prev='10'"
-"""
 
 
 def defaults() -> dict[str, Any]:
     """The default params.yaml as a mapping."""
-    out: dict[str, Any] = {name: as_dict(cls()) for name, cls in SECTIONS.items()}
-    out["iters"] = {str(n): {"prev": str(n - 1)} for n in range(1, ITERATIONS + 1)}
-    return out
+    return {name: as_dict(cls()) for name, cls in SECTIONS.items()}
 
 
 def compose(preset: dict | None = None) -> dict[str, Any]:
-    """The defaults with a preset's values over them (its ``iters``, if any, replaces the chain)."""
+    """The defaults with a preset's values over them."""
     out = defaults()
     if preset is not None and not isinstance(preset, dict):
         raise ParamsError(f"preset: expected a mapping of sections, found {type(preset).__name__}")
@@ -40,7 +34,7 @@ def compose(preset: dict | None = None) -> dict[str, Any]:
             raise ParamsError(f"preset: unknown section {name}; did you mean {closest(name, sorted(out))}?")
         if not isinstance(values, dict):
             raise ParamsError(f"preset: {name} must be a mapping, found {type(values).__name__}")
-        out[name] = dict(values) if name == "iters" else {**out[name], **values}
+        out[name] = {**out[name], **values}
     validate_all(out)
     return out
 
@@ -60,20 +54,19 @@ def render(params: dict[str, Any], preset: str | None = None) -> str:
             entry = f"  {field.name}: {_scalar(params[name][field.name])}"
             lines.append(f"{entry:<34}# {field.metadata['doc']}")
         lines.append("")
-    lines.append(ITERS_NOTE.rstrip("\n"))
-    lines.append("iters:")
-    for key, item in params["iters"].items():
-        lines += [f"  {_scalar(str(key))}:", f"    prev: {_scalar(str(item['prev']))}"]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines[:-1]) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m minichatgpt.params [PRESET] [--out params.yaml]``: write params.yaml atomically."""
+    """``python -m minichatgpt.params [PRESET] [--out params.yaml]``: write params.yaml atomically, and the
+    iteration stages' dvc.yaml files beside it for its ppo.iterations."""
     import argparse
     import os
     import sys
 
     import yaml
+
+    from minichatgpt.pipeline.iterations import TEMPLATE, write
 
     p = argparse.ArgumentParser(prog="python -m minichatgpt.params", description=main.__doc__)
     p.add_argument("preset", nargs="?", help="a preset file (e.g. presets/tiny.yaml): only what differs")
@@ -81,9 +74,13 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     try:
         preset = yaml.safe_load(Path(args.preset).read_text()) if args.preset else None
-        text = render(compose(preset), args.preset)
+        params = compose(preset)
+        text = render(params, args.preset)
     except (OSError, yaml.YAMLError, ParamsError) as err:
         sys.exit(f"{args.preset}: {err}")
     tmp = Path(args.out).with_name(f".{Path(args.out).name}.tmp-{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, args.out)
+    root = Path(args.out).resolve().parent
+    if (root / TEMPLATE).is_file():  # (a params file written elsewhere, e.g. a test's, has no pipeline)
+        write(root, params["ppo"]["iterations"])

@@ -78,7 +78,8 @@ def resolve(device: str = "cpu", dtype: str = "float32", environ: Mapping[str, s
         return Placement(torch.device("cpu"), DTYPES[dtype])
     if not torch.cuda.is_available():
         raise DeviceError(f"runtime.device={device!r}, but torch {torch.__version__} sees no CUDA device here "
-                          f"(built for CUDA {torch.version.cuda}); use cpu or auto")
+                          f"({f'built for CUDA {torch.version.cuda}' if torch.version.cuda else 'a CPU-only build'}); "
+                          "use cpu or auto")
     index = int(device.partition(":")[2] or torch.cuda.current_device())
     if int(environ.get("WORLD_SIZE", "1")) > 1:
         if ":" in device:
