@@ -124,13 +124,16 @@ def test_plots_show_renders_offline_html(repo: Path, tmp_path: Path) -> None:
     assert len(samples) == TINY_PARAMS["evaluate"]["samples"] and {"query", "response_after"} <= set(samples[0])
 
 
-def test_adding_an_iteration_runs_only_its_stages(repo: Path) -> None:
+def test_lengthening_the_run_stops_once_then_runs_only_the_new_iteration(repo: Path) -> None:
+    """`dvc exp run -S ppo.iterations=3`: check_params writes the stage file and stops (DVC read the stage
+    files before it ran); the same command again runs iteration 3's four stages and evaluate, nothing else."""
     try:
-        params = yaml.safe_load((repo / "params.yaml").read_text())
-        params["ppo"]["iterations"] = 3
-        write_params(repo / "params.yaml", params)
-        run = sh(["dvc", "repro"], repo)
+        first = sh(["dvc", "exp", "run", "-S", "ppo.iterations=3"], repo, check=False)
+        assert first.returncode != 0 and stages_run(first.stdout) == {"check_params"}
+        assert "wrote iterations/0001-0010/dvc.yaml" in first.stdout + first.stderr
+        run = sh(["dvc", "exp", "run"], repo)
         assert stages_run(run.stdout) == {f"{s}@3" for s in ALL_ITER_STAGES} | {"check_params", "evaluate"}
+        assert json.loads((repo / "metrics/summary.json").read_text())["iterations"] == 3
     finally:
         restore(repo)
 
