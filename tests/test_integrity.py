@@ -44,6 +44,10 @@ def test_a_truncated_checkpoint_file_is_refused_with_one_line_naming_it(repo: Pa
     assert not (repo / "rollout-check.parquet").exists()
 
 
+BLOCK = "iterations/0001-0010/dvc.yaml"
+"""the dvc.yaml of iterations 1-10 (a stage target names its file)"""
+
+
 def cache_object(repo: Path, out: str, name: str) -> Path:
     """The DVC cache file holding ``name`` inside directory output ``out`` (per dvc.lock)."""
     md5 = next(h for key, h in out_hashes(repo).items() if key.endswith(f":{out}"))
@@ -60,11 +64,11 @@ def test_a_corrupted_cache_object_restored_by_dvc_checkout_is_refused(repo: Path
     obj.chmod(0o644)
     obj.write_bytes(bytes(data))
     shutil.rmtree(repo / "checkpoints/1")
-    sh(["dvc", "checkout", "update@1"], repo)  # DVC restores the corrupted object without noticing
+    sh(["dvc", "checkout", f"{BLOCK}:update@1"], repo)  # DVC restores the corrupted object without noticing
     assert (repo / "checkpoints/1/model.safetensors").read_bytes() == bytes(data)
     run = rollout_from(repo, "checkpoints/1")
     assert run.returncode == 2 and "checkpoints/1/model.safetensors: contents differ" in run.stderr, run.stderr
-    repro = sh(["dvc", "repro", "--force", "--single-item", "rollout@2"], repo, check=False)
+    repro = sh(["dvc", "repro", "--force", "--single-item", f"{BLOCK}:rollout@2"], repo, check=False)
     assert repro.returncode != 0
     assert "stage rollout: checkpoints/1/model.safetensors: contents differ" in repro.stdout + repro.stderr
 

@@ -38,7 +38,8 @@ def test_each_iteration_continues_from_the_one_before() -> None:
         block = yaml.safe_load(text)
         chain |= block["vars"][1]["iters"]
         assert set(block["stages"]) == {"rollout", "score", "advantages", "update"}
-        assert all(stage["foreach"] == "${iters}" and stage["do"]["wdir"] == "../.." for stage in block["stages"].values())
+        for stage in block["stages"].values():
+            assert stage["foreach"] == "${iters}" and stage["do"]["wdir"] == "../.."
     assert chain == {str(i): {"prev": str(i - 1)} for i in range(1, 26)}
 
 

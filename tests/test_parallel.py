@@ -21,7 +21,7 @@ def test_two_processes_reproduce_the_single_process_iteration(pipeline_repo: Pat
     params = json.loads(json.dumps(TINY_PARAMS))
     params["runtime"]["launcher"] = LAUNCHER
     repo = make_pipeline_repo(tmp_path / "parallel", params)
-    run = sh(["dvc", "repro", "update@1"], repo)
+    run = sh(["dvc", "repro", "iterations/0001-0010/dvc.yaml:update@1"], repo)
     assert f"> {LAUNCHER} stages/rollout.py" in run.stdout and f"> {LAUNCHER} stages/update.py" in run.stdout
     assert "rank=1" in run.stderr + run.stdout  # the second process really ran
 
