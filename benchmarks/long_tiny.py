@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -27,9 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.conftest import TINY_PARAMS, make_pipeline_repo, tool_env  # noqa: E402
-
-STAGE = re.compile(r"^Running stage '(?:(?P<file>[^']*):)?(?P<name>[a-z_]+)(?:@(?P<iter>\d+))?'")
+from tests.conftest import TINY_PARAMS, make_pipeline_repo, stage_name, tool_env  # noqa: E402
 
 
 def timed_repro(repo: Path, env: dict, cmd: list[str]) -> tuple[float, list[tuple[float, str, str | None]]]:
@@ -39,8 +36,9 @@ def timed_repro(repo: Path, env: dict, cmd: list[str]) -> tuple[float, list[tupl
     ran, lines = [], []
     for line in proc.stdout:
         lines.append(line)
-        if m := STAGE.match(line):
-            ran.append((time.perf_counter() - start, m["name"], m["iter"]))
+        if line.startswith("Running stage '"):
+            name, _, iteration = stage_name(line.split("'")[1]).partition("@")
+            ran.append((time.perf_counter() - start, name, iteration or None))
     if proc.wait():
         sys.exit(f"{cmd} failed in {repo}:\n{''.join(lines[-20:])}")
     return time.perf_counter() - start, ran

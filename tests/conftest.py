@@ -72,9 +72,9 @@ def out_hashes_of(lock_text: str) -> dict[str, str]:
 def lock_files(repo: Path, rev: str | None = None) -> list[str]:
     """The pipeline's dvc.lock files: the root one and one per block of iterations (in ``rev`` if given)."""
     if rev is None:
-        return ["dvc.lock"] + sorted(str(p.relative_to(repo)) for p in (repo / "iterations").glob("*/dvc.lock"))
+        return ["dvc.lock"] + sorted(str(p.relative_to(repo)) for p in (repo / iterations.DIR).glob("*/dvc.lock"))
     listed = sh(["git", "ls-tree", "-r", "--name-only", rev], repo).stdout.split()
-    return [f for f in listed if f == "dvc.lock" or (f.startswith("iterations/") and f.endswith("/dvc.lock"))]
+    return [f for f in listed if f == "dvc.lock" or (f.startswith(f"{iterations.DIR}/") and f.endswith("/dvc.lock"))]
 
 
 def out_hashes(repo: Path, rev: str | None = None) -> dict[str, str]:
@@ -86,9 +86,14 @@ def out_hashes(repo: Path, rev: str | None = None) -> dict[str, str]:
     return out
 
 
+def stage_name(address: str) -> str:
+    """A stage's name from DVC's address of it: ``rollout@1`` for ``iterations/0001-0010/dvc.yaml:rollout@1``."""
+    return address.rsplit("dvc.yaml:", 1)[-1]
+
+
 def stages_run(output: str) -> set[str]:
     """Stages a `dvc repro` / `dvc exp run` ran, by name (``rollout@1``, not its dvc.yaml's path)."""
-    return set(re.findall(r"Running stage '(?:[^':]*dvc\.yaml:)?([^']+)'", output))
+    return {stage_name(address) for address in re.findall(r"Running stage '([^']+)'", output)}
 
 
 def metrics_of(repo: Path) -> dict[str, object]:

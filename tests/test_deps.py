@@ -14,8 +14,9 @@ import pytest
 from tests.conftest import pipeline_stages
 from tests.import_closure import ROOT, closure
 
-STAGES = {name: stage.get("do", stage) for name, stage in pipeline_stages().items()}
-ONE_OFF = [name for name, stage in pipeline_stages().items() if "foreach" not in stage]
+STAGE_DEFS = pipeline_stages()
+STAGES = {name: stage.get("do", stage) for name, stage in STAGE_DEFS.items()}
+ONE_OFF = [name for name, stage in STAGE_DEFS.items() if "foreach" not in stage]
 NOT_PIPELINE = ("minichatgpt/notebook/", "minichatgpt/experiments/", "benchmarks/", "notebooks/", "examples/")
 
 

@@ -13,7 +13,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT, TINY_PARAMS, metrics_of, out_hashes, sh, stages_run, tool_env, write_params
+from tests.conftest import (
+    ROOT,
+    TINY_PARAMS,
+    metrics_of,
+    out_hashes,
+    sh,
+    stage_name,
+    stages_run,
+    tool_env,
+    write_params,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -161,7 +171,7 @@ def test_a_ppo_option_invalidates_only_the_stages_that_read_it(repo: Path, key, 
         params["ppo"][key] = value
         write_params(repo / "params.yaml", params)
         status = json.loads(sh(["dvc", "status", "--json"], repo).stdout)
-        changed = {name.rsplit("dvc.yaml:", 1)[-1] for name in status}  # (iteration stages: their file's path)
+        changed = {stage_name(address) for address in status}
         assert changed == readers | {"check_params"}  # it checks every param (and invalidates nothing)
     finally:
         restore(repo)
