@@ -50,6 +50,17 @@ def trl_python() -> Path:
     return python
 
 
+def plot_with(script: str, results: Path, png: Path) -> None:
+    """Run a matplotlib ``script`` (argv: results JSON, PNG) in the TRL virtualenv: matplotlib is not
+    one of the project's dependencies."""
+    python = trl_python()
+    if subprocess.run([str(python), "-c", "import matplotlib"], capture_output=True).returncode != 0:
+        sh([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", "matplotlib"])
+    path = WORK / f"plot_{png.stem}.py"
+    path.write_text(script)
+    sh([str(python), str(path), str(results), str(png)])
+
+
 def ensure_default_models() -> None:
     """checkpoints/0 and models/reward, built by DVC when missing (fresh clone: ~6.5 min on 2 cores)."""
     if (ROOT / "checkpoints/0/model.safetensors").is_file() and (ROOT / "models/reward/model.safetensors").is_file():
@@ -224,9 +235,11 @@ def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
 
 
-def timed_dvc_repro(repo: Path, target: str, threads: int, extra_env: dict | None = None, poll_s: float = 0.02) -> dict:
-    """Wall time of ``dvc repro target`` (process start included), per-stage wall time from
-    DVC's 'Running stage' lines, and peak RSS of each stage process (as reported by the warm
+def timed_dvc_repro(repo: Path, target: str | None, threads: int, extra_env: dict | None = None,
+                    poll_s: float = 0.02) -> dict:
+    """Wall time of ``dvc repro target`` (no target: the whole pipeline; process start included),
+    per-stage wall time from DVC's 'Running stage' lines, each stage's own time in the order they ran,
+    and peak RSS of each stage process (as reported by the warm
     worker for the forked process that ran the stage; with cold stage processes, sampled
     every 20 ms by a thread that only runs then, as it takes CPU time of its own)."""
     import threading
@@ -240,10 +253,11 @@ def timed_dvc_repro(repo: Path, target: str, threads: int, extra_env: dict | Non
     marks: list[tuple[float, str]] = []
     rss: dict[str, int] = {}
     inside: dict[str, float] = {}
+    inside_runs: list[tuple[str, float]] = []
     gpu: dict[str, float] = {}
     done = threading.Event()
     start = time.perf_counter()
-    proc = subprocess.Popen([dvc, "repro", target], cwd=repo, env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([dvc, "repro", *([target] if target else [])], cwd=repo, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
     def sample() -> None:
@@ -274,6 +288,8 @@ def timed_dvc_repro(repo: Path, target: str, threads: int, extra_env: dict | Non
         elif line.startswith("[") and "] done in " in line:  # the stage's own time, from run() to outputs fsynced
             stage = line[1:].split("]", 1)[0]
             inside[stage] = float(line.split("] done in ", 1)[1].split("s", 1)[0])
+            if marks:  # stages run one at a time: this is the one DVC started last (rollout@3)
+                inside_runs.append((marks[-1][1], inside[stage]))
             if " gpu_peak_mb=" in line:  # a stage that ran on CUDA (minichatgpt.runtime.stage)
                 peak = float(line.split(" gpu_peak_mb=", 1)[1].split()[0])
                 gpu[stage] = max(gpu.get(stage, 0.0), peak)
@@ -289,6 +305,7 @@ def timed_dvc_repro(repo: Path, target: str, threads: int, extra_env: dict | Non
         raise RuntimeError(f"dvc repro {target} failed in {repo}:\n{''.join(output[-40:])}")
     runs = [(name, nxt - t) for (t, name), nxt in zip(marks, [m[0] for m in marks[1:]] + [end])]
     return {"s": end - start, "stages_s": {name.split("@")[0]: s for name, s in runs}, "stage_inside_s": inside,
+            "inside_runs_s": inside_runs,
             "stage_gpu_peak_mb": gpu, "runs_s": runs, "marks": [(t - start, name) for t, name in marks],
             "stage_peak_rss_mb": {k: v / 2**20 for k, v in rss.items()}}
 

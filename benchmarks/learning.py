@@ -38,8 +38,8 @@ from common import (  # noqa: E402
     ensure_default_models,
     iteration_inputs,
     log,
+    plot_with,
     scratch_repo,
-    sh,
     timed_dvc_repro,
     trl_python,
     workload,
@@ -156,7 +156,7 @@ def main() -> None:
     }
     out = ROOT / "benchmarks/learning.json"
     out.write_text(json.dumps(results, indent=2) + "\n")
-    plot(trl_py, out, ROOT / "benchmarks/learning.png")
+    plot_with(PLOT, out, ROOT / "benchmarks/learning.png")
     log(f"TRL reward {tr:.3f}±{tr_se:.3f} KL {tk:.2f}±{tk_se:.2f} | ours reward {our:.3f}±{our_se:.3f} "
         f"KL {ok:.2f}±{ok_se:.2f} | ours not worse: {results['ours_not_worse']} ({results['wall_s']:.0f}s)")
 
@@ -185,17 +185,6 @@ fig.suptitle(f"same start, params and prompts; batch {r['batch_size']}, {len(r['
 fig.tight_layout()
 fig.savefig(sys.argv[2], dpi=110)
 '''
-
-
-def plot(trl_py: Path, results: Path, png: Path) -> None:
-    """matplotlib lives in the benchmark's own virtualenv, not in the project's dependencies."""
-    import subprocess
-
-    if subprocess.run([str(trl_py), "-c", "import matplotlib"], capture_output=True).returncode != 0:
-        sh([str(trl_py), "-m", "pip", "install", "-q", "--disable-pip-version-check", "matplotlib"])
-    script = WORK / "plot_learning.py"
-    script.write_text(PLOT)
-    sh([str(trl_py), str(script), str(results), str(png)])
 
 
 if __name__ == "__main__":

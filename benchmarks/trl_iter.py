@@ -101,6 +101,7 @@ class Runner:
         self.reward = Reward(Path(work["reward"]), work["forward_batch_size"], work.get("device", "cpu"))
         self.gen_batch = work["forward_batch_size"]
         self.save_dir = run_spec.get("save_dir")
+        self.save_at = set(run_spec.get("save_at") or [])  # iterations to save (empty: every one)
         torch.manual_seed(work["ppo"]["seed"])
         self.trainer, self.tokenizer = build(work, run_spec["batch_size"])
         self.gen_kwargs = {"min_length": -1, "top_k": 0, "top_p": 1.0, "do_sample": True,
@@ -123,7 +124,7 @@ class Runner:
         stats = trainer.step(queries, responses, scores)
         t_step = time.perf_counter()
         self.done += 1
-        if self.save_dir:
+        if self.save_dir and (not self.save_at or self.done in self.save_at):
             save = Path(self.save_dir) / str(self.done)
             save.mkdir(parents=True, exist_ok=True)
             trainer.model.pretrained_model.save_pretrained(save, safe_serialization=True)
