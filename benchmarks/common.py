@@ -193,7 +193,7 @@ def write_run_params(dest: Path, raw: dict) -> None:
     from minichatgpt.pipeline import iterations
 
     (dest / "params.yaml").write_text(yaml.safe_dump(raw, default_flow_style=False, sort_keys=False))
-    for lock in [dest / "dvc.lock", *(dest / iterations.DIR).glob("*/dvc.lock")]:
+    for lock in [dest / "dvc.lock", *iterations.lock_files(dest)]:
         lock.unlink(missing_ok=True)
     iterations.write(dest, raw["ppo"]["iterations"])
 

@@ -72,7 +72,7 @@ def out_hashes_of(lock_text: str) -> dict[str, str]:
 def lock_files(repo: Path, rev: str | None = None) -> list[str]:
     """The pipeline's dvc.lock files: the root one and one per block of iterations (in ``rev`` if given)."""
     if rev is None:
-        return ["dvc.lock"] + sorted(str(p.relative_to(repo)) for p in (repo / iterations.DIR).glob("*/dvc.lock"))
+        return ["dvc.lock"] + [str(p.relative_to(repo)) for p in iterations.lock_files(repo)]
     listed = sh(["git", "ls-tree", "-r", "--name-only", rev], repo).stdout.split()
     return [f for f in listed if f == "dvc.lock" or (f.startswith(f"{iterations.DIR}/") and f.endswith("/dvc.lock"))]
 

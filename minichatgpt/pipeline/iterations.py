@@ -55,9 +55,10 @@ def expected(root: Path, n: int) -> dict[str, str]:
     return {f"{block_dir(first)}/dvc.yaml": render(template, first, last) for first, last in block_ranges(n)}
 
 
-def stale(root: Path, n: int) -> list[str]:
-    """Block files that differ from what ``n`` iterations need, are missing, or are left over."""
-    want = expected(root, n)
+def stale(root: Path, n: int, want: dict[str, str] | None = None) -> list[str]:
+    """Block files that differ from what ``n`` iterations need (``want``: :func:`expected`, if
+    computed already), are missing, or are left over."""
+    want = expected(root, n) if want is None else want
     have = {str(p.relative_to(root)) for p in (root / DIR).glob("*/dvc.yaml")}
     wrong = [path for path, text in want.items() if not (root / path).is_file() or (root / path).read_text() != text]
     return sorted(wrong + sorted(have - set(want)))
@@ -66,7 +67,8 @@ def stale(root: Path, n: int) -> list[str]:
 def write(root: Path, n: int) -> list[str]:
     """Make the block files those of ``n`` iterations; returns what changed. Each file is replaced
     atomically; a block no longer needed goes with its dvc.lock (its outputs stay in the workspace)."""
-    want, changed = expected(root, n), stale(root, n)
+    want = expected(root, n)
+    changed = stale(root, n, want)
     for path in changed:
         target = root / path
         if path in want:
@@ -80,6 +82,11 @@ def write(root: Path, n: int) -> list[str]:
             if not any(target.parent.iterdir()):
                 shutil.rmtree(target.parent)
     return changed
+
+
+def lock_files(root: Path) -> list[Path]:
+    """The blocks' dvc.lock files, in iteration order."""
+    return sorted((root / DIR).glob("*/dvc.lock"))
 
 
 def main(argv: list[str] | None = None) -> None:
