@@ -100,7 +100,7 @@ def run_dvc(raw: dict, n: int, batch: int, threads: int, eval_at: list[int]) -> 
     """One ``dvc repro`` of the whole pipeline for ``n`` iterations in a scratch copy."""
 
     def edit(p: dict) -> None:
-        p["ppo"]["iterations"], p["ppo"]["batch_size"] = n, batch
+        p.update(json.loads(json.dumps(raw)))
         p["runtime"]["threads"] = threads
 
     repo = scratch_repo("long-dvc", edit)
@@ -174,6 +174,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64, help="rollouts per iteration (ppo.batch_size)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of both (runtime.threads)")
     ap.add_argument("--eval-at", default="0,50,100,200", help="iterations to evaluate both at")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override a value of params.yaml for both (as dvc exp run -S), e.g. ppo.init_kl_coef=0.1")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/long_run.json"))
     args = ap.parse_args()
     n, batch = args.iterations, args.batch
@@ -182,6 +184,12 @@ def main() -> None:
     import yaml
 
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for item in args.set:
+        key, _, value = item.partition("=")
+        sect, _, name = key.partition(".")
+        if name not in raw.get(sect, {}):
+            ap.error(f"--set {item}: params.yaml has no {key}")
+        raw[sect][name] = yaml.safe_load(value)
     raw["ppo"]["iterations"], raw["ppo"]["batch_size"] = n, batch
     ensure_default_models()
     trl = run_trl(raw, n, batch, args.threads, eval_at)
@@ -190,7 +198,7 @@ def main() -> None:
     goals = judge(curves, trl, ours)
     mid = slice(1, None)  # iteration 1 carries the warm worker's start
     results = {
-        "iterations": n, "batch_size": batch, "threads": args.threads, "goals": goals,
+        "iterations": n, "batch_size": batch, "threads": args.threads, "set": args.set, "goals": goals,
         "trl_s": trl["s"], "dvc_s": ours["s"],
         "median_iter_s": {"trl": statistics.median(trl["per_iter_s"][mid] or trl["per_iter_s"]),
                           "dvc": statistics.median(ours["per_iter_s"][mid] or ours["per_iter_s"])},
