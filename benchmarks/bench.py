@@ -310,7 +310,7 @@ def markdown_table(rows: list[dict], gflops: float, detail: dict | None = None, 
     if per_iter:
         lines.append(f"\nPer measured iteration at batch {rows[-1]['batch_size']}, dvc ÷ TRL (four stages / whole "
                      "command): " + ", ".join(f"{i}: {a:.2f} / {b:.2f}" for i, a, b in per_iter)
-                     + ". DVC's bookkeeping grows with every iteration already in `dvc.lock`.")
+                     + ". DVC's bookkeeping grows with the iterations already in the stage's `dvc.lock` (up to 10).")
     for r in rows:
         if r.get("dvc_cold_s_per_iter"):
             st = r["dvc_cold_stage_s"]

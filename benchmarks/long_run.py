@@ -14,7 +14,7 @@ summed KL to the pretrained reference) judges both at ``--eval-at``. The two run
 machine (TRL first), so load from other processes is not shared alike: keep the machine quiet.
 Writes ``benchmarks/long_run.json`` and ``benchmarks/long_run.png``.
 
-    make bench-long                                      # 200 iterations at batch 64, ~30 min on 2 cores
+    make bench-long                                      # 200 iterations at batch 64, ~20 min on 2 cores
     .venv/bin/python benchmarks/long_run.py --iterations 4 --eval-at 0,2,4   # a quick check of the script
 """
 

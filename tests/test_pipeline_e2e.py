@@ -144,6 +144,11 @@ def test_lengthening_the_run_stops_once_then_runs_only_the_new_iteration(repo: P
         run = sh(["dvc", "exp", "run"], repo)
         assert stages_run(run.stdout) == {f"{s}@3" for s in ALL_ITER_STAGES} | {"check_params", "evaluate"}
         assert json.loads((repo / "metrics/summary.json").read_text())["iterations"] == 3
+        # back to 2 and to 3 again: the run-cache now holds check_params for 3 iterations, yet the
+        # check runs (a restored output would leave the 2-iteration stage file, and evaluate would fail)
+        restore(repo)
+        again = sh(["dvc", "exp", "run", "-S", "ppo.iterations=3"], repo, check=False)
+        assert again.returncode != 0 and "wrote iterations/0001-0010/dvc.yaml" in again.stdout + again.stderr
     finally:
         restore(repo)
 
