@@ -102,6 +102,20 @@ def metrics_of(repo: Path) -> dict[str, object]:
     return {str(f.relative_to(repo)): json.loads(f.read_text()) for f in files}
 
 
+def load_benchmark(name: str):
+    """A script of benchmarks/ as a module (it imports its neighbours, e.g. ``common``)."""
+    import importlib.util
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
 _offline_page = functools.cache(offline_html_template)
 """bundling Vega takes ~2 s: once per test session, not once per repository"""
 

@@ -3,24 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
 
 import yaml
 
 from minichatgpt.params import validate_all
-from tests.conftest import ROOT
+from tests.conftest import ROOT, load_benchmark
 
 
 def _gpu_check():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    return load_benchmark("gpu_check")
 
 
 def test_the_gpu_check_params_are_a_valid_gpt2_124m_run_on_cuda() -> None:

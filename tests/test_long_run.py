@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def long_run():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        spec = importlib.util.spec_from_file_location("long_run", ROOT / "benchmarks" / "long_run.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    return load_benchmark("long_run")
 
 
 def test_an_iteration_runs_from_its_rollout_to_the_next_and_bookkeeping_is_the_rest(long_run) -> None:
