@@ -67,7 +67,7 @@ bench: bytecode
 bench-learning: bytecode
 	$(BIN)/python benchmarks/learning.py
 
-# 200 PPO iterations of the default models at batch 64: one `dvc repro` vs TRL 0.11.4 (~30 min)
+# 200 PPO iterations of the default models at batch 64: one `dvc repro` vs TRL 0.11.4 (~20 min)
 bench-long: bytecode
 	$(BIN)/python benchmarks/long_run.py
 
