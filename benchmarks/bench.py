@@ -31,6 +31,7 @@ from common import (  # noqa: E402
     dir_bytes,
     ensure_default_models,
     iteration_inputs,
+    iteration_stage,
     log,
     same_model_check,
     scratch_repo,
@@ -193,7 +194,7 @@ def main() -> None:
                     where = repo if c == "dvc" else repo_cold
                     env = WARM_ENV if c == "dvc" else {"MINICHATGPT_WORKER": "0"}
                     before = dir_bytes(where / ".dvc/cache")
-                    r = timed_dvc_repro(where, f"update@{i + 1}", threads, env)
+                    r = timed_dvc_repro(where, iteration_stage("update", i + 1), threads, env)
                     r["cache_bytes_added"] = dir_bytes(where / ".dvc/cache") - before
                 else:
                     r = workers[c].request(cmd="step", index=i, profile=(c == "ours" and i == total - 1))
@@ -304,7 +305,7 @@ def markdown_table(rows: list[dict], gflops: float, detail: dict | None = None, 
                  "always run portable; TRL runs native.")
     lines.append("\n*The four stages*: from DVC's first `Running stage` line to its exit (stage processes, "
                  "output hashing and caching, `dvc.lock` rewrites). *Whole command*: from starting "
-                 "`dvc repro update@i` to its exit, so DVC's own start-up and its status checks of every "
+                 "`dvc repro …:update@i` to its exit, so DVC's own start-up and its status checks of every "
                  "upstream stage are included too.")
     per_iter = _per_iteration_ratios(rows[-1]["batch_size"], detail, warmup) if detail else None
     if per_iter:

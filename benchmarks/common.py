@@ -235,6 +235,14 @@ def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
 
 
+def iteration_stage(name: str, i: int) -> str:
+    """DVC's address of an iteration stage (``iterations/0001-0010/dvc.yaml:update@3``): a plain
+    ``update@3`` is not found, as the iteration stages are not in the top-level dvc.yaml."""
+    from minichatgpt.pipeline.iterations import BLOCK, block_dir
+
+    return f"{block_dir((i - 1) // BLOCK * BLOCK + 1)}/dvc.yaml:{name}@{i}"
+
+
 def timed_dvc_repro(repo: Path, target: str | None, threads: int, extra_env: dict | None = None,
                     poll_s: float = 0.02) -> dict:
     """Wall time of ``dvc repro target`` (no target: the whole pipeline; process start included),

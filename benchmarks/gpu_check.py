@@ -32,6 +32,7 @@ from common import (  # noqa: E402
     Worker,
     copy_checkout,
     iteration_inputs,
+    iteration_stage,
     log,
     sh,
     timed_dvc_repro,
@@ -113,7 +114,7 @@ def main() -> None:
     models = timed_dvc_repro(repo, "train_reward", 1)
     models_pretrain = timed_dvc_repro(repo, "pretrain", 1)
     log(f"dvc repro: {args.iterations} PPO iterations at batch {args.batch_size}, {args.dtype}")
-    ours = timed_dvc_repro(repo, f"update@{args.iterations}", 1)
+    ours = timed_dvc_repro(repo, iteration_stage("update", args.iterations), 1)
     ours_iters = per_iteration(ours["marks"], ours["s"])
     result = {
         "gpu": gpu, "dtype": args.dtype, "batch_size": args.batch_size, "iterations": args.iterations,
