@@ -40,6 +40,7 @@ class Runner:
         policy, self.tokenizer, _ = load_policy(work["policy"], work["ppo"]["seed"])
         self.trainer = PPOTrainer(config, policy, load_causal_lm(work["policy"]), self.tokenizer)
         self.save_dir = run_spec.get("save_dir")
+        self.save_at = set(run_spec.get("save_at") or [])  # iterations to save (empty: every one)
         self.done = 0
 
     def step(self, spec: dict, profile: str | None = None) -> dict:
@@ -70,7 +71,7 @@ class Runner:
             pstats.Stats(profiler, stream=buf).sort_stats("cumulative").print_stats(60)
             Path(profile).write_text(buf.getvalue())
         self.done += 1
-        if self.save_dir:
+        if self.save_dir and (not self.save_at or self.done in self.save_at):
             from minichatgpt.models.policy import save_policy
 
             save_policy(Path(self.save_dir) / str(self.done), self.trainer.model, self.tokenizer)
