@@ -164,8 +164,8 @@ def test_forced_rerun_is_bit_identical(repo: Path) -> None:
 @pytest.mark.parametrize(("key", "value", "readers"), [
     ("kl_penalty", "k3", {"score@1", "score@2"}),
     ("adap_kl_ctrl", False, {"update@1", "update@2"}),
-    ("init_kl_coef", 0.1, {"score@1", "score@2", "update@1", "update@2"}),
-    ("whiten_rewards", True, {"advantages@1", "advantages@2"}),
+    ("init_kl_coef", 0.2, {"score@1", "score@2", "update@1", "update@2"}),
+    ("whiten_rewards", False, {"advantages@1", "advantages@2"}),
     ("use_score_scaling", True, {"score@1", "score@2", "update@1", "update@2"}),  # update carries the moments
 ])
 def test_a_ppo_option_invalidates_only_the_stages_that_read_it(repo: Path, key, value, readers) -> None:

@@ -26,6 +26,9 @@ def _trl_default(name: str) -> Any:
 class PPOConfig(PPOParams):
     learning_rate: float = _trl_default("learning_rate")
     mini_batch_size: int = _trl_default("mini_batch_size")
+    init_kl_coef: float = _trl_default("init_kl_coef")
+    target: float = _trl_default("target")
+    whiten_rewards: bool = _trl_default("whiten_rewards")
     exp_name: str = setting("imdb", "name of the experiment")
     model_name: str = setting("checkpoints/0", "policy: a checkpoint or model directory, or a hub name")
     reward_model_name: str = setting("models/reward", "reward: a text-classification model or module:function")
