@@ -4,7 +4,8 @@ Reads only ``ppo.gamma``, ``ppo.lam`` and ``ppo.whiten_rewards``; imports torch 
 so it starts in about a second.
 """
 
-from minichatgpt.runtime.stage import parser, run
+from minichatgpt.pipeline.inputs import parser, stage_params
+from minichatgpt.runtime.stage import run
 
 
 def main() -> dict:
@@ -14,10 +15,10 @@ def main() -> dict:
     p.add_argument("--out", required=True)
     args = p.parse_args()
 
-    from minichatgpt.params import load_yaml, section
+    from minichatgpt.params import section
     from minichatgpt.pipeline.artifacts import read_table, write_table
 
-    ppo = section(load_yaml(args.params), "ppo")
+    ppo = section(stage_params(args), "ppo")
     scored = read_table(args.scored, "scored")
 
     from minichatgpt.ppo.steps import advantages

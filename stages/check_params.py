@@ -10,6 +10,9 @@ values, so stages downstream are not invalidated by it.
 It also checks that iterations/*/dvc.yaml declare the ppo.iterations that params.yaml asks for. DVC read
 them before this stage ran, so when they do not (after `-S ppo.iterations=N`, or an edited template) it
 writes them and stops: the same command, run again, runs the new pipeline.
+
+Last it writes data/inputs/<stage>.json, the settings and code digests that the iteration stages
+depend on instead of params.yaml and the package (minichatgpt.pipeline.inputs says why).
 """
 
 from minichatgpt.runtime.stage import parser, run
@@ -25,10 +28,12 @@ def main() -> dict:
 
     from minichatgpt.params import ParamsError, declared, load_yaml, validate_all
     from minichatgpt.params.hub import check_reachable
+    from minichatgpt.pipeline import inputs
     from minichatgpt.pipeline.artifacts import write_json
     from minichatgpt.pipeline.iterations import write
 
-    checked = validate_all(load_yaml(args.params))
+    raw = load_yaml(args.params)
+    checked = validate_all(raw)
     runtime = checked["runtime"]
     if (runtime.device, runtime.dtype) != ("cpu", "float32"):  # a GPU this machine lacks: fail before any stage
         from minichatgpt.runtime.device import resolve
@@ -43,6 +48,7 @@ def main() -> dict:
         raise ParamsError(f"ppo.iterations={n}, but the pipeline's stage files did not declare that run: "
                           f"wrote {', '.join(rewritten)}. DVC read them before this stage; run the same "
                           "command again to run the new pipeline")
+    inputs.write_all(Path(args.root), raw)
     write_json(declared(), args.out)
     return {"sections": len(checked), "iterations": n}
 

@@ -1,7 +1,8 @@
 """Sample a batch of training prompts and generate responses with the current policy,
 recording per-token logprobs and values (rollout@i)."""
 
-from minichatgpt.runtime.stage import parser, run
+from minichatgpt.pipeline.inputs import parser, stage_params
+from minichatgpt.runtime.stage import run
 
 
 def main() -> dict:
@@ -14,12 +15,12 @@ def main() -> dict:
 
     import numpy as np
 
-    from minichatgpt.params import load_yaml, section
+    from minichatgpt.params import section
     from minichatgpt.pipeline.artifacts import read_table, write_table
     from minichatgpt.ppo.steps import stage_seed
     from minichatgpt.runtime.stage import setup_torch
 
-    raw = load_yaml(args.params)
+    raw = stage_params(args)
     ppo, gen, runtime = section(raw, "ppo"), section(raw, "generation"), section(raw, "runtime")
     prompts = read_table(args.prompts, "prompts")
     setup_torch(runtime.threads)

@@ -1,7 +1,8 @@
 """Score rollouts with the reward model and add reference logprobs, per-token KL and
 per-token rewards with this iteration's KL coefficient (score@i)."""
 
-from minichatgpt.runtime.stage import parser, run
+from minichatgpt.pipeline.inputs import parser, stage_params
+from minichatgpt.runtime.stage import run
 
 
 def main() -> dict:
@@ -20,11 +21,11 @@ def main() -> dict:
 
     import numpy as np
 
-    from minichatgpt.params import load_yaml, section
+    from minichatgpt.params import section
     from minichatgpt.pipeline.artifacts import read_table, write_table
     from minichatgpt.runtime.stage import setup_torch
 
-    raw = load_yaml(args.params)
+    raw = stage_params(args)
     ppo, gen, runtime = section(raw, "ppo"), section(raw, "generation"), section(raw, "runtime")
     reward_model = section(raw, "reward").model
     rollouts = read_table(args.rollouts, "rollouts")

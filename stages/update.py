@@ -1,7 +1,8 @@
 """PPO epochs over minibatches of one iteration's batch; writes the next checkpoint with
 optimizer and KL-controller state, and this iteration's metrics (update@i)."""
 
-from minichatgpt.runtime.stage import parser, run
+from minichatgpt.pipeline.inputs import parser, stage_params
+from minichatgpt.runtime.stage import run
 
 
 def main() -> dict:
@@ -16,12 +17,12 @@ def main() -> dict:
     import logging
     import time
 
-    from minichatgpt.params import load_yaml, section
+    from minichatgpt.params import section
     from minichatgpt.pipeline.artifacts import atomic_path, read_table, write_json
     from minichatgpt.ppo.steps import stage_seed
     from minichatgpt.runtime.stage import setup_torch
 
-    raw = load_yaml(args.params)
+    raw = stage_params(args)
     ppo, runtime, lora = section(raw, "ppo"), section(raw, "runtime"), section(raw, "lora")
     table = read_table(args.advantages, "advantages")
     if table.num_rows != ppo.batch_size:

@@ -1,22 +1,27 @@
 """dvc.yaml's code dependencies are each stage's import closure (tests/import_closure.py).
 
 A module a stage imports but does not list would let DVC restore outputs of other code; the
-notebook API and the benchmarks, which no stage imports, must rerun nothing when edited.
+notebook API and the benchmarks, which no stage imports, must rerun nothing when edited. The
+iteration stages' code is the list in their data/inputs/<stage>.json (minichatgpt.pipeline.inputs),
+which check_params writes, so check_params must depend on every file of it.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pathspec
 import pytest
 
+from minichatgpt.pipeline import inputs
 from tests.conftest import pipeline_stages
 from tests.import_closure import ROOT, closure
 
 STAGE_DEFS = pipeline_stages()
 STAGES = {name: stage.get("do", stage) for name, stage in STAGE_DEFS.items()}
-ONE_OFF = [name for name, stage in STAGE_DEFS.items() if "foreach" not in stage]
+ONE_OFF = [name for name, stage in STAGE_DEFS.items() if "foreach" not in stage and name != "check_params"]
+ITERATION = [name for name, stage in STAGE_DEFS.items() if "foreach" in stage]
 NOT_PIPELINE = ("minichatgpt/notebook/", "minichatgpt/experiments/", "benchmarks/", "notebooks/", "examples/")
 
 
@@ -28,14 +33,22 @@ def code_deps(stage: str) -> list[str]:
     return [d for d in STAGES[stage]["deps"] if d.startswith(("minichatgpt", "stages/"))]
 
 
-def hashed_files(stage: str) -> set[str]:
-    """The code files DVC hashes for a stage: its file deps, and its directory deps minus .dvcignore."""
+def dvc_hashed(deps: list[str]) -> set[str]:
+    """The files DVC hashes for these deps: the file deps, and the directory deps' files minus .dvcignore."""
     spec, out = ignored(), set()
-    for dep in code_deps(stage):
+    for dep in deps:
         path = ROOT / dep
-        files = [path] if path.is_file() else [p for p in path.rglob("*.py")]
-        out |= {str(p.relative_to(ROOT)) for p in files if not spec.match_file(str(p.relative_to(ROOT)))}
+        files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+        out |= {p.relative_to(ROOT).as_posix() for p in files if not spec.match_file(p.relative_to(ROOT).as_posix())}
     return out
+
+
+def hashed_files(stage: str) -> set[str]:
+    """The code files whose change reruns a stage: DVC's hash of its code deps, or for an iteration
+    stage the files its data/inputs/<stage>.json records."""
+    if stage in ITERATION:
+        return set(inputs.code_files(ROOT, stage))
+    return dvc_hashed(code_deps(stage))
 
 
 def script_of(stage: str) -> Path:
@@ -44,8 +57,32 @@ def script_of(stage: str) -> Path:
 
 def test_every_stage_has_its_script() -> None:
     for stage in STAGES:
-        assert f"stages/{stage}.py" in STAGES[stage]["deps"], stage
+        assert f"stages/{stage}.py" in hashed_files(stage), stage
         assert f"stages/{stage}.py" in STAGES[stage]["cmd"], stage
+
+
+@pytest.mark.parametrize("stage", ITERATION)
+def test_iteration_stages_depend_on_and_check_their_inputs_file(stage: str) -> None:
+    path = inputs.path_of(stage)
+    assert path in STAGES[stage]["deps"] and f"--inputs {path}" in STAGES[stage]["cmd"]
+    assert not STAGES[stage].get("params") and not [d for d in code_deps(stage)], \
+        "params and code reach an iteration stage through its inputs file only"
+    assert path in [next(iter(o)) if isinstance(o, dict) else o for o in STAGES["check_params"]["outs"]]
+
+
+def test_check_params_depends_on_all_the_code_the_inputs_files_record() -> None:
+    """An edit of any of it reruns check_params, which rewrites the inputs files, which reruns the stages."""
+    recorded = set().union(*(inputs.code_files(ROOT, stage) for stage in ITERATION))
+    missing = sorted(recorded - dvc_hashed(code_deps("check_params")))
+    assert not missing, f"dvc.yaml: check_params does not depend on {missing}"
+    own = {str(p.relative_to(ROOT)) for p in closure(script_of("check_params"))}
+    assert own <= dvc_hashed(code_deps("check_params"))
+
+
+def test_inputs_record_the_package_as_dvc_hashes_it() -> None:
+    """The same files as a `minichatgpt` directory dependency: .dvcignore's exclusions and no more."""
+    package = set(inputs.code_files(ROOT, "update")) - {"stages/update.py"}
+    assert package == dvc_hashed(["minichatgpt"])
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
@@ -91,9 +128,13 @@ def test_editing_the_notebook_api_reruns_nothing_but_editing_the_ppo_code_does(p
             path.write_text(originals[path] + "\n# edited\n")
         assert "up to date" in sh(["dvc", "status"], pipeline_repo).stdout.lower()
         ppo_code.write_text(originals[ppo_code] + "\n# edited\n")
+        assert list(json.loads(sh(["dvc", "status", "--json"], pipeline_repo).stdout)) == ["check_params"]
+        sh(["dvc", "repro", "check_params"], pipeline_repo)  # records the new code in data/inputs/*.json
         changed = sh(["dvc", "status", "--json"], pipeline_repo).stdout
         assert "rollout@1" in changed and "update@2" in changed
         assert "pretrain" not in changed and "train_reward" not in changed and "prepare" not in changed
     finally:
         for path, text in originals.items():
             path.write_text(text)
+        sh(["dvc", "repro", "check_params"], pipeline_repo)
+    assert "up to date" in sh(["dvc", "status"], pipeline_repo).stdout.lower()

@@ -97,7 +97,8 @@ def test_dvc_reads_the_blocks_as_one_chain_and_check_params_rewrites_stale_ones(
         stages = {s.addressing: s for s in dvc.index.stages}
         upstream = {s.addressing: {u.addressing for u in dvc.index.graph.successors(s)} for s in dvc.index.stages}
     assert stages["iterations/0011-0020/dvc.yaml:rollout@11"].cmd.startswith(
-        "python stages/rollout.py --iter 11 --policy checkpoints/10 ")
+        "python stages/rollout.py --iter 11 --inputs data/inputs/rollout.json --policy checkpoints/10 ")
+    assert "check_params" in upstream["iterations/0011-0020/dvc.yaml:rollout@11"]  # data/inputs/rollout.json
     assert "iterations/0001-0010/dvc.yaml:update@10" in upstream["iterations/0011-0020/dvc.yaml:rollout@11"]
     assert "iterations/0011-0020/dvc.yaml:update@12" in upstream["evaluate"]
     assert sum(name.startswith("iterations/") for name in stages) == 4 * 12
