@@ -31,7 +31,6 @@ from common import (  # noqa: E402
     dir_bytes,
     ensure_default_models,
     iteration_inputs,
-    iteration_stage,
     log,
     same_model_check,
     scratch_repo,
@@ -40,6 +39,8 @@ from common import (  # noqa: E402
     trl_python,
     workload,
 )
+
+from minichatgpt.pipeline.iterations import stage_address  # noqa: E402
 
 README = ROOT / "benchmarks" / "README.md"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
@@ -194,7 +195,7 @@ def main() -> None:
                     where = repo if c == "dvc" else repo_cold
                     env = WARM_ENV if c == "dvc" else {"MINICHATGPT_WORKER": "0"}
                     before = dir_bytes(where / ".dvc/cache")
-                    r = timed_dvc_repro(where, iteration_stage("update", i + 1), threads, env)
+                    r = timed_dvc_repro(where, stage_address("update", i + 1), threads, env)
                     r["cache_bytes_added"] = dir_bytes(where / ".dvc/cache") - before
                 else:
                     r = workers[c].request(cmd="step", index=i, profile=(c == "ours" and i == total - 1))

@@ -235,14 +235,6 @@ def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
 
 
-def iteration_stage(name: str, i: int) -> str:
-    """DVC's address of an iteration stage (``iterations/0001-0010/dvc.yaml:update@3``): a plain
-    ``update@3`` is not found, as the iteration stages are not in the top-level dvc.yaml."""
-    from minichatgpt.pipeline.iterations import BLOCK, block_dir
-
-    return f"{block_dir((i - 1) // BLOCK * BLOCK + 1)}/dvc.yaml:{name}@{i}"
-
-
 def timed_dvc_repro(repo: Path, target: str | None, threads: int, extra_env: dict | None = None,
                     poll_s: float = 0.02) -> dict:
     """Wall time of ``dvc repro target`` (no target: the whole pipeline; process start included),
@@ -253,6 +245,8 @@ def timed_dvc_repro(repo: Path, target: str | None, threads: int, extra_env: dic
     import threading
 
     import psutil
+
+    from minichatgpt.pipeline.iterations import stage_name
 
     dvc = str(Path(sys.executable).parent / "dvc")
     env = os.environ | {"HF_HUB_OFFLINE": "1", "PATH": str(Path(sys.executable).parent) + os.pathsep
@@ -292,7 +286,7 @@ def timed_dvc_repro(repo: Path, target: str | None, threads: int, extra_env: dic
     for line in proc.stdout:
         output.append(line)
         if line.startswith("Running stage '"):
-            marks.append((time.perf_counter(), line.split("'")[1].rsplit("dvc.yaml:", 1)[-1]))  # rollout@1
+            marks.append((time.perf_counter(), stage_name(line.split("'")[1])))  # rollout@1
         elif line.startswith("[") and "] done in " in line:  # the stage's own time, from run() to outputs fsynced
             stage = line[1:].split("]", 1)[0]
             inside[stage] = float(line.split("] done in ", 1)[1].split("s", 1)[0])

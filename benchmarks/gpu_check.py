@@ -32,7 +32,6 @@ from common import (  # noqa: E402
     Worker,
     copy_checkout,
     iteration_inputs,
-    iteration_stage,
     log,
     sh,
     timed_dvc_repro,
@@ -40,6 +39,8 @@ from common import (  # noqa: E402
     workload,
     write_run_params,
 )
+
+from minichatgpt.pipeline.iterations import stage_address  # noqa: E402
 
 STAGES = ("rollout", "score", "advantages", "update")
 TRL_PARTS = ("generate_s", "score_s", "step_s")
@@ -114,7 +115,7 @@ def main() -> None:
     models = timed_dvc_repro(repo, "train_reward", 1)
     models_pretrain = timed_dvc_repro(repo, "pretrain", 1)
     log(f"dvc repro: {args.iterations} PPO iterations at batch {args.batch_size}, {args.dtype}")
-    ours = timed_dvc_repro(repo, iteration_stage("update", args.iterations), 1)
+    ours = timed_dvc_repro(repo, stage_address("update", args.iterations), 1)
     ours_iters = per_iteration(ours["marks"], ours["s"])
     result = {
         "gpu": gpu, "dtype": args.dtype, "batch_size": args.batch_size, "iterations": args.iterations,

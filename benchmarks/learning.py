@@ -37,7 +37,6 @@ from common import (  # noqa: E402
     Worker,
     ensure_default_models,
     iteration_inputs,
-    iteration_stage,
     log,
     plot_with,
     scratch_repo,
@@ -45,6 +44,8 @@ from common import (  # noqa: E402
     trl_python,
     workload,
 )
+
+from minichatgpt.pipeline.iterations import stage_address  # noqa: E402
 
 
 def held_out_figures(ckpt: Path, reference, reward, prompts, gen, seed: int) -> dict:
@@ -113,7 +114,7 @@ def main() -> None:
             p["runtime"]["threads"] = args.threads
 
         repo = scratch_repo(f"learning-dvc-{seed}", edit)
-        runs["ours"][seed] = {"dvc": timed_dvc_repro(repo, iteration_stage("update", n_iters), args.threads)}
+        runs["ours"][seed] = {"dvc": timed_dvc_repro(repo, stage_address("update", n_iters), args.threads)}
         runs["trl"][seed]["dirs"] = [str(save / str(i)) for i in range(1, n_iters + 1)]
         runs["ours"][seed]["dirs"] = [str(repo / "checkpoints" / str(i)) for i in range(1, n_iters + 1)]
 

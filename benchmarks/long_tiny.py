@@ -26,7 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.conftest import TINY_PARAMS, make_pipeline_repo, stage_name, tool_env  # noqa: E402
+from minichatgpt.pipeline.iterations import stage_name  # noqa: E402
+from tests.conftest import TINY_PARAMS, make_pipeline_repo, tool_env  # noqa: E402
 
 
 def timed_repro(repo: Path, env: dict, cmd: list[str]) -> tuple[float, list[tuple[float, str, str | None]]]:

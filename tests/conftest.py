@@ -86,14 +86,9 @@ def out_hashes(repo: Path, rev: str | None = None) -> dict[str, str]:
     return out
 
 
-def stage_name(address: str) -> str:
-    """A stage's name from DVC's address of it: ``rollout@1`` for ``iterations/0001-0010/dvc.yaml:rollout@1``."""
-    return address.rsplit("dvc.yaml:", 1)[-1]
-
-
 def stages_run(output: str) -> set[str]:
     """Stages a `dvc repro` / `dvc exp run` ran, by name (``rollout@1``, not its dvc.yaml's path)."""
-    return {stage_name(address) for address in re.findall(r"Running stage '([^']+)'", output)}
+    return {iterations.stage_name(address) for address in re.findall(r"Running stage '([^']+)'", output)}
 
 
 def metrics_of(repo: Path) -> dict[str, object]:

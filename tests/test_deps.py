@@ -128,7 +128,8 @@ def test_editing_the_notebook_api_reruns_nothing_but_editing_the_ppo_code_does(p
             path.write_text(originals[path] + "\n# edited\n")
         assert "up to date" in sh(["dvc", "status"], pipeline_repo).stdout.lower()
         ppo_code.write_text(originals[ppo_code] + "\n# edited\n")
-        assert list(json.loads(sh(["dvc", "status", "--json"], pipeline_repo).stdout)) == ["check_params"]
+        before = set(json.loads(sh(["dvc", "status", "--json"], pipeline_repo).stdout))
+        assert "check_params" in before and not [s for s in before if "@" in s]  # until it has run
         sh(["dvc", "repro", "check_params"], pipeline_repo)  # records the new code in data/inputs/*.json
         changed = sh(["dvc", "status", "--json"], pipeline_repo).stdout
         assert "rollout@1" in changed and "update@2" in changed

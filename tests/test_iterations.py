@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from minichatgpt.pipeline import iterations
-from minichatgpt.pipeline.iterations import BLOCK, block_ranges, expected, stale, write
-from tests.conftest import ROOT, TINY_PARAMS, load_benchmark, make_pipeline_repo, tool_env, write_params
+from minichatgpt.pipeline.iterations import BLOCK, block_ranges, expected, stage_address, stage_name, stale, write
+from tests.conftest import ROOT, TINY_PARAMS, make_pipeline_repo, tool_env, write_params
 
 
 def pipeline_dir(tmp_path: Path) -> Path:
@@ -103,8 +103,10 @@ def test_dvc_reads_the_blocks_as_one_chain_and_check_params_rewrites_stale_ones(
     assert "iterations/0011-0020/dvc.yaml:update@12" in upstream["evaluate"]
     assert sum(name.startswith("iterations/") for name in stages) == 4 * 12
     # the benchmarks address iteration stages the same way (a plain "update@12" is not found)
-    iteration_stage = load_benchmark("common").iteration_stage
-    assert {iteration_stage(name, i) for name in ("rollout", "update") for i in (1, 10, 11, 12)} <= set(stages)
+    addresses = {stage_address(name, i) for name in ("rollout", "update") for i in (1, 10, 11, 12)}
+    assert addresses <= set(stages) and {stage_name(a) for a in addresses} == {"rollout@1", "update@1", "rollout@10",
+                                                                               "update@10", "rollout@11", "update@11",
+                                                                               "rollout@12", "update@12"}
 
     params["ppo"]["iterations"] = 3
     write_params(repo / "params.yaml", params)

@@ -42,6 +42,17 @@ def block_dir(first: int) -> str:
     return f"{DIR}/{first:04d}-{first + BLOCK - 1:04d}"
 
 
+def stage_address(name: str, i: int) -> str:
+    """DVC's address of an iteration stage, ``iterations/0001-0010/dvc.yaml:update@3``: a plain
+    ``update@3`` is not found, as the stage is not in the top-level dvc.yaml."""
+    return f"{block_dir((i - 1) // BLOCK * BLOCK + 1)}/dvc.yaml:{name}@{i}"
+
+
+def stage_name(address: str) -> str:
+    """The inverse: ``update@3`` for ``iterations/0001-0010/dvc.yaml:update@3`` (a top-level stage's is its address)."""
+    return address.rsplit("dvc.yaml:", 1)[-1]
+
+
 def render(template: str, first: int, last: int) -> str:
     """One block's dvc.yaml: its iterations (each naming the one it continues from), then the template."""
     lines = [HEADER.format(first=first, last=last, template=TEMPLATE, block=BLOCK)]
