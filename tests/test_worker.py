@@ -97,9 +97,9 @@ if __name__ == "__main__":
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+        return "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+    except (ProcessLookupError, FileNotFoundError):  # (reaped between the two, or between open and read)
         return False
-    return Path(f"/proc/{pid}").is_dir() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
 
 
 def test_the_worker_kills_the_child_of_a_killed_stage_and_reports_a_child_killed_by_a_signal(tmp_path: Path) -> None:

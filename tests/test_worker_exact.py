@@ -235,7 +235,7 @@ def pid_written(checkout: Path) -> bool:
 def state_of(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone, or reaped between open and read (ESRCH)
         return "X"
 
 
