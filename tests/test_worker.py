@@ -97,7 +97,7 @@ if __name__ == "__main__":
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-        return "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
     except (ProcessLookupError, FileNotFoundError):  # (reaped between the two, or between open and read)
         return False
 
