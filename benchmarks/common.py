@@ -212,6 +212,9 @@ def scratch_repo(name: str, params_edit) -> Path:
     raw = yaml.safe_load((dest / "params.yaml").read_text())
     params_edit(raw)
     write_run_params(dest, raw)
+    from minichatgpt.pipeline import inputs
+
+    inputs.write_all(dest, raw)  # check_params' other outputs, for the edited params (it is committed, not run)
     sh(["git", "init", "-q"], cwd=dest)
     dvc = str(Path(sys.executable).parent / "dvc")
     sh([dvc, "commit", "-f", "-q", "check_params", "prepare", "pretrain", "train_reward"], cwd=dest)

@@ -9,7 +9,9 @@ for ``--iterations`` iterations:
 - TRL 0.11.4's legacy ``PPOTrainer`` in its own virtualenv, one process, the policy saved at the
   evaluation points.
 
-Then one evaluator (the ``evaluate`` stage's: held-out prompts and sampling seed, reward-model score,
+Then TRL once more, timing only, under the kernel pins of the stage environment, which splits the
+time ratio into the portable kernels' share and the pipeline's. Then one evaluator (the ``evaluate``
+stage's: held-out prompts and sampling seed, reward-model score,
 summed KL to the pretrained reference) judges both at ``--eval-at``. The two runs take turns on the
 machine (TRL first), so load from other processes is not shared alike: keep the machine quiet.
 Writes ``benchmarks/long_run.json`` and ``benchmarks/long_run.png``.
@@ -51,6 +53,26 @@ from common import (  # noqa: E402
 from learning import held_out_figures  # noqa: E402
 
 RUN_ENV = {"MINICHATGPT_WORKER_IDLE": "60", "MINICHATGPT_BENCH_RUN": str(os.getpid())}
+
+
+KERNEL_PINS = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA", "NPY_DISABLE_CPU_FEATURES")
+"""The stage environment's kernel choices (minichatgpt/runtime/hermetic.py), for TRL's timing-only second run."""
+
+
+def run_trl_pinned(raw: dict, n: int, batch: int, threads: int) -> dict:
+    """TRL again, timing only, under the kernels every stage is pinned to: what the same work costs
+    with the portable kernels, so the whole ratio splits into kernels and pipeline."""
+    from minichatgpt.runtime.hermetic import PINNED
+
+    iters = [iteration_inputs(raw, batch, i) for i in range(1, n + 1)]
+    work = workload(raw, [{"batch_size": batch, "iterations": iters}], threads)
+    log(f"TRL 0.11.4 under the stages' kernel pins: {n} iterations at batch {batch}")
+    start = time.perf_counter()
+    trl = Worker(trl_python(), "trl_iter.py", work, "long-trl-pinned", env_extra={k: PINNED[k] for k in KERNEL_PINS})
+    steps = [trl.request(cmd="step", index=i) for i in range(n)]
+    wall = time.perf_counter() - start
+    trl.close()
+    return {"s": wall, "per_iter_s": [s["s"] for s in steps], "pins": {k: PINNED[k] for k in KERNEL_PINS}}
 
 
 def run_trl(raw: dict, n: int, batch: int, threads: int, eval_at: list[int]) -> dict:
@@ -176,6 +198,8 @@ def main() -> None:
     ap.add_argument("--eval-at", default="0,50,100,200", help="iterations to evaluate both at")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="override a value of params.yaml for both (as dvc exp run -S), e.g. ppo.init_kl_coef=0.1")
+    ap.add_argument("--no-pinned-trl", dest="pinned_trl", action="store_false",
+                    help="skip TRL's timing-only second run under the stages' kernel pins (~2.5x its first)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/long_run.json"))
     args = ap.parse_args()
     n, batch = args.iterations, args.batch
@@ -194,6 +218,7 @@ def main() -> None:
     ensure_default_models()
     trl = run_trl(raw, n, batch, args.threads, eval_at)
     ours = run_dvc(raw, n, batch, args.threads, eval_at)
+    pinned = run_trl_pinned(raw, n, batch, args.threads) if args.pinned_trl else None
     curves = evaluate(raw, {"trl": trl.pop("dirs"), "ours": ours.pop("dirs")}, args.threads)
     goals = judge(curves, trl, ours)
     mid = slice(1, None)  # iteration 1 carries the warm worker's start
@@ -204,6 +229,8 @@ def main() -> None:
                           "dvc": statistics.median(ours["per_iter_s"][mid] or ours["per_iter_s"])},
         "median_dvc_bookkeeping_s": statistics.median(ours["bookkeeping_s"]),
         "cache_mb_per_iter": ours["cache_mb_per_iter"], "held_out": curves,
+        "trl_pinned_s": pinned and pinned["s"], "trl_pinned": pinned,
+        "dvc_over_trl_pinned_time": pinned and ours["s"] / pinned["s"],
         "evaluate_stage": ours["evaluate_stage"], "trl": trl, "dvc": ours,
         "wall_s": time.perf_counter() - t0,
     }
@@ -226,6 +253,9 @@ ax = axes[0]
 n = r["iterations"]
 xs = list(range(1, n + 1))
 ax.plot(xs, r["trl"]["per_iter_s"], color="tab:orange", lw=0.8, label="TRL 0.11.4 (one process)")
+if r.get("trl_pinned"):
+    ax.plot(xs, r["trl_pinned"]["per_iter_s"], color="tab:orange", lw=0.8, ls=":",
+            label="TRL under the stages' kernel pins")
 ax.plot(xs, r["dvc"]["per_iter_s"], color="tab:blue", lw=0.8, label="dvc repro: whole iteration")
 ax.plot(xs, r["dvc"]["bookkeeping_s"], color="tab:blue", lw=0.8, ls=":", label="of which outside the stages' code")
 ax.set_title("seconds per PPO iteration"); ax.set_xlabel("PPO iteration"); ax.set_ylim(bottom=0); ax.legend(fontsize=8)
