@@ -2,7 +2,7 @@
 
 DVC checks every dependency of every stage on each ``dvc repro``. With the params listed per stage
 and the package as a directory dependency, a run of 200 iterations meant 800 parses of params.yaml
-and 800 walks of the package, half of a no-op ``dvc repro`` (benchmarks/README.md). So the
+and 800 walks of the package: a third of a no-op ``dvc repro`` (benchmarks/README.md). So the
 ``check_params`` stage writes ``data/inputs/<stage>.json`` for rollout, score, advantages and
 update: the values of the settings that stage reads (:data:`STAGE_PARAMS`) and the SHA-256 of
 every code file it may run (:func:`code_files`). Each iteration stage depends on that one file
