@@ -59,20 +59,27 @@ KERNEL_PINS = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA", "NPY_DIS
 """The stage environment's kernel choices (minichatgpt/runtime/hermetic.py), for TRL's timing-only second run."""
 
 
+def timed_trl(work: dict, n: int, name: str, env_extra: dict | None = None) -> tuple[float, list[dict]]:
+    """TRL in one process for ``n`` iterations of ``work``: wall seconds from its start, and each step's answer."""
+    start = time.perf_counter()
+    trl = Worker(trl_python(), "trl_iter.py", work, name, env_extra=env_extra)
+    steps = [trl.request(cmd="step", index=i) for i in range(n)]
+    wall = time.perf_counter() - start
+    trl.close()
+    return wall, steps
+
+
 def run_trl_pinned(raw: dict, n: int, batch: int, threads: int) -> dict:
     """TRL again, timing only, under the kernels every stage is pinned to: what the same work costs
     with the portable kernels, so the whole ratio splits into kernels and pipeline."""
     from minichatgpt.runtime.hermetic import PINNED
 
+    pins = {k: PINNED[k] for k in KERNEL_PINS}
     iters = [iteration_inputs(raw, batch, i) for i in range(1, n + 1)]
     work = workload(raw, [{"batch_size": batch, "iterations": iters}], threads)
     log(f"TRL 0.11.4 under the stages' kernel pins: {n} iterations at batch {batch}")
-    start = time.perf_counter()
-    trl = Worker(trl_python(), "trl_iter.py", work, "long-trl-pinned", env_extra={k: PINNED[k] for k in KERNEL_PINS})
-    steps = [trl.request(cmd="step", index=i) for i in range(n)]
-    wall = time.perf_counter() - start
-    trl.close()
-    return {"s": wall, "per_iter_s": [s["s"] for s in steps], "pins": {k: PINNED[k] for k in KERNEL_PINS}}
+    wall, steps = timed_trl(work, n, "long-trl-pinned", pins)
+    return {"s": wall, "per_iter_s": [s["s"] for s in steps], "pins": pins}
 
 
 def run_trl(raw: dict, n: int, batch: int, threads: int, eval_at: list[int]) -> dict:
@@ -82,13 +89,8 @@ def run_trl(raw: dict, n: int, batch: int, threads: int, eval_at: list[int]) -> 
     iters = [iteration_inputs(raw, batch, i) for i in range(1, n + 1)]
     work = workload(raw, [{"batch_size": batch, "iterations": iters, "save_dir": str(save),
                            "save_at": [i for i in eval_at if i > 0]}], threads)
-    python = trl_python()
     log(f"TRL 0.11.4: {n} iterations at batch {batch}")
-    start = time.perf_counter()
-    trl = Worker(python, "trl_iter.py", work, "long-trl")
-    steps = [trl.request(cmd="step", index=i) for i in range(n)]
-    wall = time.perf_counter() - start
-    trl.close()
+    wall, steps = timed_trl(work, n, "long-trl")
     for i in eval_at:  # TRL saves the LM only: add our tokenizer files so one loader reads both
         if i > 0:
             for f in (ROOT / "checkpoints/0").iterdir():

@@ -72,23 +72,20 @@ def param_values(raw: dict, keys: tuple[str, ...]) -> dict[str, Any]:
     section as a mapping for ``section``."""
     from minichatgpt.params import as_dict, section
 
+    sections: dict[str, dict[str, Any]] = {}
     values: dict[str, Any] = {}
     for key in keys:
         name, _, field = key.partition(".")
-        settings = as_dict(section(raw, name))
-        values[key] = settings[field] if field else settings
+        if name not in sections:  # each section validated once, not once per key
+            sections[name] = as_dict(section(raw, name))
+        values[key] = sections[name][field] if field else sections[name]
     return values
-
-
-def _sha256(path: Path) -> str:
-    import hashlib  # 3 ms: not at import time, before the stage process hands itself to the worker
-
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def compute(root: Path, stage: str, raw: dict) -> dict[str, Any]:
     """The contents of ``data/inputs/<stage>.json`` for params ``raw`` and the code under ``root``."""
+    from minichatgpt.pipeline.artifacts import _sha256  # the checksum of SHA256SUMS (the stage imports it anyway)
+
     return {"stage": stage, "params": param_values(raw, STAGE_PARAMS[stage]),
             "code": {rel: _sha256(root / rel) for rel in code_files(root, stage)}}
 
